@@ -1,0 +1,279 @@
+"""PNG plots of continual-learning results.
+
+Figures are built with ``matplotlib.figure.Figure`` and rendered by ``FigureCanvasAgg``; pyplot
+is never imported, so no display or global backend selection is needed, and no figure is
+registered in pyplot's global figure manager. matplotlib itself is imported lazily, on the first
+plot, so importing :mod:`clax.metrics` stays cheap.
+
+Every function validates its input, creates the parent directories of ``path``, writes the PNG
+atomically (see :func:`clax.metrics.report.atomic_write_bytes`), releases the figure and returns
+``path`` as a ``pathlib.Path``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from clax.metrics import continual
+from clax.metrics.report import PathLike, atomic_write_bytes, normalize_curves
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_accuracy_curves", "plot_accuracy_matrix", "plot_comparison"]
+
+_DPI = 120
+# Metrics stored as fractions, plotted in percent (or percentage points).
+_PERCENT_METRICS = {
+    "acc": "ACC (%)",
+    "avg_incremental_acc": "average incremental accuracy (%)",
+    "bwt": "BWT (pp)",
+    "fwt": "FWT (pp)",
+    "forgetting": "Forgetting (pp)",
+}
+# Beyond this many tasks the heatmap cells are too small for readable numbers.
+_MAX_ANNOTATED_TASKS = 30
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: PathLike) -> pathlib.Path:
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
+        return atomic_write_bytes(path, buf.getvalue())
+    finally:
+        fig.clear()
+
+
+def _check_title(title: Any) -> None:
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f"title must be a str or None, got {title!r}")
+
+
+def plot_accuracy_matrix(
+    R: npt.ArrayLike,
+    path: PathLike,
+    *,
+    title: str | None = None,
+    task_labels: Sequence[str] | None = None,
+) -> pathlib.Path:
+    """Heatmap of the accuracy matrix, each cell annotated with ``100 * R[i, j]`` (percent).
+
+    Row ``i`` is "after task i" (the model after training on task ``i``), column ``j`` is
+    "task j" (the evaluated task). The colour scale is fixed to ``[0, 100]`` % so plots of
+    different runs are comparable. Cells are annotated for ``T <= 30``.
+
+    Args:
+        R: Accuracy matrix of shape ``(T, T)``, fractions in ``[0, 1]``.
+        path: Output PNG file; parent directories are created.
+        title: Optional figure title.
+        task_labels: Optional ``T`` task names used instead of ``"task j"``; rows are labelled
+            ``"after <label>"``.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``R`` is invalid, ``title`` is not a str, or ``task_labels`` is not a
+            sequence of ``T`` strings.
+    """
+    R = continual.validate_accuracy_matrix(R)
+    T = R.shape[0]
+    _check_title(title)
+    if task_labels is None:
+        labels = [f"task {j}" for j in range(T)]
+    else:
+        if (
+            isinstance(task_labels, str)
+            or not isinstance(task_labels, Sequence)
+            or len(task_labels) != T
+            or not all(isinstance(s, str) for s in task_labels)
+        ):
+            raise ValueError(f"task_labels must be a sequence of {T} str, got {task_labels!r}")
+        labels = list(task_labels)
+
+    side = min(max(4.0, 0.6 * T + 2.0), 20.0)
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(100.0 * R, vmin=0.0, vmax=100.0, cmap="viridis", aspect="equal")
+    fig.colorbar(im, ax=ax, label="accuracy (%)", shrink=0.8)
+    if T > 5:
+        ax.set_xticks(range(T), labels=labels, rotation=45, ha="right")
+    else:
+        ax.set_xticks(range(T), labels=labels)
+    ax.set_yticks(range(T), labels=[f"after {s}" for s in labels])
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("trained up to")
+    if T <= _MAX_ANNOTATED_TASKS:
+        fontsize = max(5.0, min(10.0, 100.0 / T))
+        for i in range(T):
+            for j in range(T):
+                v = R[i, j]
+                ax.text(
+                    j,
+                    i,
+                    f"{100.0 * v:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="black" if v > 0.6 else "white",
+                )
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(
+    curves: Iterable[Any],
+    path: PathLike,
+    *,
+    task_boundaries: Iterable[float] = (),
+    title: str | None = None,
+) -> pathlib.Path:
+    """Accuracy (%) against training step, one line per evaluated task.
+
+    Vertical dashed lines mark ``task_boundaries``, the steps at which each new task started.
+
+    Args:
+        curves: Points as dicts or 4-tuples ``(step, train_task, eval_task, accuracy)`` with
+            accuracy a fraction in ``[0, 1]``; see
+            :func:`clax.metrics.report.normalize_curves`. Must be non-empty.
+        path: Output PNG file; parent directories are created.
+        task_boundaries: Steps where a new task started.
+        title: Optional figure title.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``curves`` is empty or malformed, a boundary is not a finite number, or
+            ``title`` is not a str.
+    """
+    points = normalize_curves(curves)
+    if not points:
+        raise ValueError("curves must contain at least one point")
+    _check_title(title)
+    if isinstance(task_boundaries, (str, bytes)):
+        raise ValueError(f"task_boundaries must be an iterable of steps, got {task_boundaries!r}")
+    boundaries = list(task_boundaries)
+    for k, s in enumerate(boundaries):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise ValueError(f"task_boundaries[{k}] must be a finite number, got {s!r}")
+
+    by_task: dict[int, list[tuple[int, float]]] = {}
+    for step, _, eval_task, acc in points:
+        by_task.setdefault(eval_task, []).append((step, acc))
+
+    fig = _new_figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    for eval_task in sorted(by_task):
+        series = sorted(by_task[eval_task])
+        steps = np.array([s for s, _ in series])
+        accs = 100.0 * np.array([a for _, a in series])
+        ax.plot(steps, accs, label=f"task {eval_task}", marker="." if len(series) <= 50 else None)
+    for s in boundaries:
+        ax.axvline(float(s), color="gray", linestyle="--", linewidth=1.0, alpha=0.8)
+    ax.set_ylim(-2.0, 102.0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="evaluated", fontsize="small", ncols=max(1, math.ceil(len(by_task) / 10)))
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_comparison(
+    runs: Sequence[Mapping[str, Any]],
+    path: PathLike,
+    *,
+    metric: str = "acc",
+) -> pathlib.Path:
+    """Grouped bar chart of one metric: a group per benchmark, a bar per method.
+
+    Uses the same dicts as :func:`clax.metrics.report.results_table` (keys ``benchmark``,
+    ``method`` and ``metric``). Groups and bars keep the order of first appearance. Fraction
+    metrics (``acc``, ``avg_incremental_acc``, ``bwt``, ``fwt``, ``forgetting``) are plotted as
+    ``100 * value`` (percent / percentage points); any other numeric key (e.g.
+    ``train_time_s``) is plotted as is. Runs whose value is ``None`` or missing get no bar.
+
+    Args:
+        runs: Sequence of mappings, at most one per (benchmark, method) pair.
+        path: Output PNG file; parent directories are created.
+        metric: Key of the value to plot.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``runs`` is empty or not a sequence of mappings, a run lacks
+            ``benchmark``/``method``, a (benchmark, method) pair repeats, a value is not a
+            finite number, or no run has a value for ``metric``.
+    """
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"metric must be a non-empty str, got {metric!r}")
+    if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)) or not runs:
+        raise ValueError(f"runs must be a non-empty sequence of mappings, got {runs!r}")
+    scale = 100.0 if metric in _PERCENT_METRICS else 1.0
+    benchmarks: list[str] = []
+    methods: list[str] = []
+    values: dict[tuple[str, str], float] = {}
+    for k, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise ValueError(f"runs[{k}] must be a mapping, got {run!r}")
+        if run.get("benchmark") is None or run.get("method") is None:
+            raise ValueError(f"runs[{k}] must have 'benchmark' and 'method', got {dict(run)!r}")
+        bench, method = str(run["benchmark"]), str(run["method"])
+        if (bench, method) in values:
+            raise ValueError(
+                f"runs has more than one entry for benchmark={bench!r}, method={method!r}; "
+                "aggregate seeds before plotting"
+            )
+        if bench not in benchmarks:
+            benchmarks.append(bench)
+        if method not in methods:
+            methods.append(method)
+        v = run.get(metric)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"runs[{k}][{metric!r}] must be a finite number or None, got {v!r}")
+        values[(bench, method)] = scale * float(v)
+    if not values:
+        raise ValueError(f"no run has a value for metric {metric!r}")
+
+    n_b, n_m = len(benchmarks), len(methods)
+    width = 0.8 / n_m
+    fig = _new_figure(min(max(5.0, 1.0 + n_b * (0.5 + 0.35 * n_m)), 24.0), 4.5)
+    ax = fig.add_subplot()
+    for m, method in enumerate(methods):
+        xs, ys = [], []
+        for g, bench in enumerate(benchmarks):
+            if (bench, method) in values:
+                xs.append(g - 0.4 + width * (m + 0.5))
+                ys.append(values[(bench, method)])
+        bars = ax.bar(xs, ys, width=width, label=method)
+        ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=1)
+    ax.set_xticks(range(n_b), labels=benchmarks)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("benchmark")
+    ax.set_ylabel(_PERCENT_METRICS.get(metric, metric))
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(title="method", fontsize="small")
+    return _save(fig, path)

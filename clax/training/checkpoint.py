@@ -1,0 +1,68 @@
+"""Orbax checkpoints of a whole run: train state plus JSON progress/results metadata."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class Checkpointer:
+    """Saves (state, meta) pairs under `directory`, numbered 0, 1, 2, ...
+
+    `meta` is a JSON-serializable dict (data position, results so far). Saves are
+    synchronous and committed atomically by orbax (written to a temporary folder and
+    renamed), so an interrupted save never replaces the last good checkpoint.
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+            ),
+        )
+
+    def latest(self) -> int | None:
+        """Number of the newest committed checkpoint, or None."""
+        return self._manager.latest_step()
+
+    def save(self, state: PyTree, meta: dict) -> int:
+        """Saves a new checkpoint after the latest one; returns its number."""
+        latest = self.latest()
+        number = 0 if latest is None else latest + 1
+        self._manager.save(
+            number,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        self._manager.wait_until_finished()
+        return number
+
+    def restore(self, like: PyTree, number: int | None = None) -> tuple[PyTree, dict]:
+        """Restores checkpoint `number` (default latest) into the structure of `like`.
+
+        `like` gives the tree structure, shapes, dtypes and shardings (e.g. a freshly
+        initialised state); its values are not used.
+        """
+        number = self.latest() if number is None else number
+        if number is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self._manager.restore(
+            number,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, restored.meta
+
+    def close(self):
+        self._manager.close()

@@ -1,0 +1,67 @@
+"""Batch order and batch assembly, shared by the device-resident and host-fed paths.
+
+The order of examples depends only on (seed, task index, epoch), so a run resumed from a
+checkpoint in the middle of an epoch replays exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from clax.training.method import Batch, TrainArrays
+
+
+def epoch_index_batches(
+    num_examples: int, batch_size: int, *, seed: int, task_index: int, epoch: int
+) -> np.ndarray:
+    """Shuffled example indices for one epoch, shaped (steps, batch_size), int32.
+
+    The last partial batch is dropped so every step has the same shape (one compilation).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"task {task_index} has {num_examples} training examples, fewer than "
+            f"batch_size={batch_size}; lower config.train.batch_size"
+        )
+    rng = np.random.default_rng([seed, task_index, epoch])
+    order = rng.permutation(num_examples)[: steps * batch_size]
+    return order.reshape(steps, batch_size).astype(np.int32)
+
+
+def host_batches(data: TrainArrays, index_batches: np.ndarray) -> Iterator[Batch]:
+    """Host-fed path: yields numpy batches in the order of `index_batches`."""
+    for idx in index_batches:
+        yield Batch(x=data.x[idx], y=data.y[idx], task_ids=data.task_ids[idx])
+
+
+def padded_eval_batches(
+    x: np.ndarray, y: np.ndarray, task_ids: np.ndarray, batch_size: int
+) -> tuple[Batch, np.ndarray]:
+    """Pads an evaluation set to whole batches.
+
+    Returns:
+      (batches, valid): arrays shaped (num_batches, batch_size, ...) and a bool mask of
+      the real (non-padding) examples.
+    """
+    n = len(y)
+    num_batches = max(1, -(-n // batch_size))
+    pad = num_batches * batch_size - n
+
+    def fit(a):
+        a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+        return a.reshape(num_batches, batch_size, *a.shape[1:])
+
+    valid = fit(np.ones(n, bool))
+    return Batch(x=fit(x), y=fit(y), task_ids=fit(task_ids)), valid
+
+
+def subsample(n: int, size: int | None, *, seed: int) -> np.ndarray:
+    """A fixed, sorted subset of ``range(n)`` of at most `size` indices (all if None)."""
+    if size is None or size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))

@@ -1,0 +1,338 @@
+"""The continual-training loop: tasks in order, evaluation, checkpoints, resume.
+
+`train_continual(config, workdir)` trains a model on every task of the configured
+scenario with the configured method and returns the accuracy matrix and metrics. With a
+workdir it checkpoints at task boundaries (and every N steps if asked) and a second call
+with the same workdir resumes where the first stopped, ending with the same metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from clax import metrics as clax_metrics
+from clax.training import config as config_lib
+from clax.training import feed
+from clax.training.checkpoint import Checkpointer
+from clax.training.method import Batch, BoundaryContext, Method, TrainState
+from clax.training.model_fns import ModelFns
+from clax.training.sharding import data_mesh
+from clax.training.steps import StepFns
+
+log = logging.getLogger("clax")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the run stopped without saving."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run returns (also written to the workdir)."""
+
+    name: str
+    accuracy_matrix: np.ndarray  # (T, T): row i after task i, column j task j
+    baseline: np.ndarray  # (T,) accuracy of the initial model on each task
+    summary: dict[str, Any]  # acc, bwt, fwt, forgetting, ...
+    curves: list[dict[str, Any]]  # periodic evaluations (step, train_task, eval_task, acc)
+    train_time_s: float  # time in training steps and consolidation (compiles included)
+    task_train_time_s: list[float]  # the same, per task
+    state: TrainState | None = None
+    model: ModelFns | None = None
+
+
+def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to reuse a workdir that holds a run with a different config."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != current:
+            diffs = _diff_keys(saved, current)
+            raise ValueError(
+                f"workdir {workdir!r} holds a run with a different config (differing keys: "
+                f"{', '.join(diffs)}); use another --workdir to start a new run. Nothing in "
+                "the workdir was changed."
+            )
+        return
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _check_model_fits(model: Any, scenario: Any) -> None:
+    """Shape checks before anything is compiled."""
+    shape = tuple(model.input_shape)
+    if shape != tuple(scenario.input_shape):
+        raise ValueError(
+            f"model input shape {shape} does not match the data's input shape "
+            f"{tuple(scenario.input_shape)} (scenario {scenario.name!r})"
+        )
+    if model.num_classes < scenario.num_classes:
+        raise ValueError(
+            f"model has {model.num_classes} outputs but scenario {scenario.name!r} has "
+            f"{scenario.num_classes} classes"
+        )
+    if model.num_tasks not in (1, scenario.num_tasks):
+        raise ValueError(
+            f"model has {model.num_tasks} heads; expected 1 or the scenario's "
+            f"{scenario.num_tasks} tasks"
+        )
+
+
+def _logit_masks(scenario: Any) -> np.ndarray | None:
+    """Task-incremental runs see only their task's classes (train and test)."""
+    if not scenario.uses_task_ids:
+        return None
+    masks = np.zeros((scenario.num_tasks, scenario.num_classes), bool)
+    for task in scenario.tasks:
+        masks[task.id, task.classes] = True
+    return masks
+
+
+class _Evaluator:
+    """Accuracy of a state on each task's test set (full or a fixed subsample)."""
+
+    def __init__(self, fns: StepFns, scenario: Any, batch_size: int, subsample: int | None,
+                 seed: int):
+        self._fns = fns
+        self._sets = []
+        for task in scenario.tasks:
+            keep = feed.subsample(len(task.y_test), subsample, seed=seed + task.id)
+            tids = np.full(len(keep), task.id, np.int32)
+            batches, valid = feed.padded_eval_batches(
+                task.x_test[keep], task.y_test[keep], tids, batch_size
+            )
+            self._sets.append((fns.replicate(batches), fns.replicate(valid), len(keep)))
+
+    def accuracy(self, state: TrainState, task_index: int) -> float:
+        data, valid, n = self._sets[task_index]
+        correct = self._fns.evaluate(state.params, state.model_state, data, valid)
+        return float(correct) / n
+
+    def accuracies(self, state: TrainState, tasks: range) -> list[float]:
+        return [self.accuracy(state, j) for j in tasks]
+
+
+def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]) -> list[int]:
+    """Step offsets within an epoch where a chunk must end (periodic evals/checkpoints)."""
+    ends = set()
+    for n in every:
+        if n > 0:
+            first = n - (global_step % n)  # steps until the next multiple of n
+            ends.update(range(start + first, steps, n))
+    ends.add(steps)
+    return sorted(e for e in ends if e > start)
+
+
+def _train_chunk(steps: StepFns, state: TrainState, data: Batch, train, idx: np.ndarray,
+                 task_index: int, *, device_resident: bool) -> tuple[TrainState, np.ndarray]:
+    """Runs the steps of `idx` on either data path; returns the state and per-step losses."""
+    if device_resident:
+        state, m = steps.train_chunk(state, data, steps.replicate(idx), task_index)
+        return state, np.asarray(m.loss)
+    losses = []
+    for batch in feed.host_batches(train, idx):
+        state, m = steps.train_step(state, steps.shard_batch(batch), task_index)
+        losses.append(m.loss)
+    return state, np.asarray(jax.device_get(losses))
+
+
+def _check_finite(losses: np.ndarray, state: TrainState, name: str, task: int, epoch: int,
+                  ckpt: Checkpointer | None) -> None:
+    bad = ~np.isfinite(losses)
+    if not bad.any():
+        return
+    at = int(state.step) - len(losses) + int(np.argmax(bad))
+    kept = (f"the last good checkpoint is kept in {ckpt.directory}"
+            if ckpt is not None and ckpt.latest() is not None else "no checkpoint was written")
+    raise NonFiniteLossError(
+        f"{name}: loss became {losses[bad][0]} at step {at} (task {task}, epoch {epoch}); "
+        f"stopped without saving, {kept}. Lower config.optimizer.learning_rate or check "
+        "the data."
+    )
+
+
+def train_continual(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    scenario: Any = None,
+    model: Any = None,
+    method: Method | None = None,
+    keep_state: bool = False,
+) -> RunResult:
+    """Trains on every task of the scenario in order; evaluates all tasks after each.
+
+    Args:
+      config: a run config (see `clax.training.config.default_config`).
+      workdir: where checkpoints and results go; None keeps everything in memory.
+        Rerunning with the same workdir resumes (and refuses a different config).
+      scenario: a prebuilt `clax.data.Scenario` (default: built from the config).
+      model: a prebuilt NNX model (default: built from the config).
+      method: a prebuilt `Method` (default: ``config.method``).
+      keep_state: return the final `TrainState` and `ModelFns` in the result.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+      ValueError: inconsistent config, data and model (before anything is compiled).
+    """
+    scenario = scenario if scenario is not None else config_lib.build_scenario(config)
+    model = model if model is not None else config_lib.build_model(config, scenario)
+    method = method if method is not None else config_lib.build_method(config)
+    _check_model_fits(model, scenario)
+    if workdir is not None:
+        _check_workdir_config(workdir, config)
+    tc = config.train
+    mesh = data_mesh(tc.num_devices or None)
+    n_dev = mesh.devices.size
+    for key in ("batch_size", "eval_batch_size"):
+        if tc[key] % n_dev:
+            raise ValueError(
+                f"config.train.{key}={tc[key]} must be divisible by the {n_dev} devices the "
+                "batch is sharded over (set config.train.num_devices to use fewer)"
+            )
+
+    fns_model, params, model_state = ModelFns.split(model)
+    base_tx = config_lib.build_optimizer(config.optimizer)
+    steps = StepFns(fns_model, method, method.optimizer(base_tx), mesh, _logit_masks(scenario))
+    state = steps.init_state(params, model_state, config.seed)
+    full_eval = _Evaluator(steps, scenario, tc.eval_batch_size, None, config.seed)
+    sub_eval = (
+        _Evaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample, config.seed)
+        if tc.eval_every_steps > 0
+        else None
+    )
+
+    T = scenario.num_tasks
+    meta: dict[str, Any] = {
+        "task": 0, "epoch": 0, "step_in_epoch": 0, "rows": [], "baseline": None,
+        "curves": [], "train_time_s": 0.0, "task_train_time_s": [], "done": False,
+    }
+    ckpt = None
+    if workdir is not None:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                            max_to_keep=tc.checkpoints_to_keep)
+        if ckpt.latest() is not None:
+            state, meta = ckpt.restore(state)
+            state = steps.replicate(state)
+            log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)",
+                     config.name, ckpt.latest(), workdir, meta["task"], meta["epoch"],
+                     meta["step_in_epoch"])
+    if meta["baseline"] is None:
+        meta["baseline"] = full_eval.accuracies(state, range(T))
+
+    first_task = meta["task"]
+    task_time0 = meta["train_time_s"]  # train time before this task (resumes mid-task too)
+    if meta["epoch"] or meta["step_in_epoch"]:
+        task_time0 -= meta.get("partial_task_time_s", 0.0)
+    run_start = time.perf_counter()
+    for t in range(first_task, T):
+        task_start = time.perf_counter()
+        task_step0 = int(state.step)
+        train = method.training_data(scenario.tasks, t)
+        ctx = BoundaryContext(task_index=t, tasks=scenario.tasks, train=train,
+                              model=fns_model, config=config)
+        if meta["epoch"] == 0 and meta["step_in_epoch"] == 0:  # not resuming mid-task
+            if tc.reset_optimizer_per_task and t > 0:
+                state = state._replace(opt_state=steps.replicate(steps.tx.init(state.params)))
+            if method.before_task is not None:
+                state = steps.replicate(method.before_task(state, ctx))
+        data = Batch(x=train.x, y=train.y, task_ids=train.task_ids)
+        if tc.device_resident:
+            data = steps.replicate(data)
+        last_loss = float("nan")
+        for epoch in range(meta["epoch"], tc.epochs_per_task):
+            idx = feed.epoch_index_batches(len(train.y), tc.batch_size, seed=config.seed,
+                                           task_index=t, epoch=epoch)
+            start = meta["step_in_epoch"]
+            ends = _chunk_ends(start, len(idx), int(state.step),
+                               (tc.eval_every_steps, tc.checkpoint_every_steps))
+            for end in ends:
+                chunk_start = time.perf_counter()
+                state, losses = _train_chunk(steps, state, data, train, idx[start:end], t,
+                                             device_resident=tc.device_resident)
+                meta["train_time_s"] += time.perf_counter() - chunk_start
+                _check_finite(losses, state, config.name, t, epoch, ckpt)
+                last_loss = float(losses[-1])
+                epoch_done = end == len(idx)
+                start = end
+                meta["epoch"] = epoch + 1 if epoch_done else epoch
+                meta["step_in_epoch"] = 0 if epoch_done else end
+                step_now = int(state.step)
+                if sub_eval is not None and step_now % tc.eval_every_steps == 0:
+                    meta["curves"] += [
+                        {"step": step_now, "train_task": t, "eval_task": j,
+                         "accuracy": sub_eval.accuracy(state, j)}
+                        for j in range(t + 1)
+                    ]
+                task_ends_here = epoch_done and epoch + 1 == tc.epochs_per_task
+                every = tc.checkpoint_every_steps
+                if ckpt is not None and every > 0 and step_now % every == 0 and not task_ends_here:
+                    meta["partial_task_time_s"] = meta["train_time_s"] - task_time0
+                    ckpt.save(state, meta)
+        if method.consolidate is not None:
+            consolidate_start = time.perf_counter()
+            state = steps.replicate(method.consolidate(state, ctx))
+            meta["train_time_s"] += time.perf_counter() - consolidate_start
+        task_steps = int(state.step) - task_step0
+        meta["task_train_time_s"].append(meta["train_time_s"] - task_time0)
+        task_time0 = meta["train_time_s"]
+        row = full_eval.accuracies(state, range(T))
+        meta["rows"].append(row)
+        meta.update(task=t + 1, epoch=0, step_in_epoch=0, done=t + 1 == T)
+        if ckpt is not None:
+            ckpt.save(state, meta)
+        dt = time.perf_counter() - task_start
+        elapsed = time.perf_counter() - run_start
+        eta = elapsed / (t + 1 - first_task) * (T - t - 1)
+        log.info(
+            "%s: task %d/%d  %d steps in %.1fs (%.0f steps/s)  loss %.3f  acc(seen) %.1f%%"
+            "  elapsed %.1fs  ETA %.0fs",
+            config.name, t + 1, T, task_steps, dt, task_steps / max(dt, 1e-9), last_loss,
+            100 * float(np.mean(row[: t + 1])), elapsed, eta,
+        )
+
+    R = np.asarray(meta["rows"], dtype=np.float64)
+    b = np.asarray(meta["baseline"], dtype=np.float64)
+    summary = clax_metrics.summarize(R, b)
+    if workdir is not None:
+        summary = clax_metrics.write_run_results(
+            workdir, name=config.name, R=R, b=b, curves=meta["curves"],
+            extra={"train_time_s": meta["train_time_s"], "method": method.name,
+                   "scenario": scenario.name},
+        )
+        ckpt.close()
+    return RunResult(
+        name=config.name,
+        accuracy_matrix=R,
+        baseline=b,
+        summary=summary,
+        curves=meta["curves"],
+        train_time_s=meta["train_time_s"],
+        task_train_time_s=meta["task_train_time_s"],
+        state=state if keep_state else None,
+        model=fns_model if keep_state else None,
+    )
+

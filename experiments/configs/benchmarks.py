@@ -1,0 +1,45 @@
+"""Named benchmark presets (data source + scenario) shared by the config files."""
+
+import ml_collections
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def benchmark(name: str) -> ml_collections.ConfigDict:
+    """Returns ``{data: ..., scenario: ...}`` for a named benchmark.
+
+    Digits benchmarks use scikit-learn's bundled 8x8 digits (no network). Fashion-MNIST
+    benchmarks read the IDX files of Debian's ``dataset-fashion-mnist`` package.
+    """
+    presets = {
+        "split_digits": (
+            {"source": "digits"},
+            {"name": "class_incremental", "classes_per_task": 2, "seed": 0},
+        ),
+        "task_split_digits": (
+            {"source": "digits"},
+            {"name": "task_incremental", "classes_per_task": 2, "seed": 0},
+        ),
+        "permuted_digits": ({"source": "digits"}, {"name": "permuted", "num_tasks": 5, "seed": 0}),
+        "rotated_digits": ({"source": "digits"}, {"name": "rotated", "num_tasks": 5, "seed": 0}),
+        "split_fmnist": (
+            {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
+            {"name": "class_incremental", "classes_per_task": 2, "seed": 0},
+        ),
+        "permuted_fmnist": (
+            {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
+            {"name": "permuted", "num_tasks": 5, "seed": 0},
+        ),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown benchmark {name!r}; valid choices: {', '.join(sorted(presets))}")
+    data, scenario = presets[name]
+    return ml_collections.ConfigDict({"data": data, "scenario": scenario})
+
+
+def use_benchmark(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Replaces (not merges) the ``data`` and ``scenario`` sections of `config`."""
+    preset = benchmark(name)
+    config.data = preset.data
+    config.scenario = preset.scenario
+    return config

@@ -1,0 +1,25 @@
+"""The main job: finetune vs joint on Split-Digits and Permuted-Digits (offline, ~1 min).
+
+    python -m experiments.run --config=experiments/configs/digits_compare.py \
+        --workdir=/tmp/clax_digits
+
+Digits are scikit-learn's bundled 8x8 images, so this needs no network. Add methods with
+``--config.compare.methods=finetune,joint,<name>``.
+"""
+
+from clax.training import default_config
+from experiments.configs.benchmarks import benchmark
+
+
+def get_config():
+    c = default_config()
+    c.name = "digits_compare"
+    c.model.widths = (128, 128)
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.05
+    c.train.epochs_per_task = 5
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 128
+    c.compare = {"methods": "finetune,joint", "benchmarks": "split_digits,permuted_digits"}
+    c.benchmarks = {name: benchmark(name) for name in ("split_digits", "permuted_digits")}
+    return c
