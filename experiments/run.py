@@ -8,6 +8,7 @@ and prints a markdown results table; otherwise one run is trained. Rerunning wit
 same ``--workdir`` resumes from the last checkpoint.
 """
 
+import importlib.util
 import logging
 import sys
 
@@ -19,6 +20,42 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _config_key_error(argv: list[str]) -> str | None:
+    """Explains a bad ``--config.a.b=...`` override: the valid keys where the path breaks."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return None
+    spec = importlib.util.spec_from_file_location("_clax_config", path.split(":", 1)[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        keys = arg[len("--config."):].split("=", 1)[0].split(".")
+        node, seen = config, "config"
+        for key in keys:
+            if not hasattr(node, "keys"):
+                break
+            if key not in node:
+                return (f"unknown config key {seen}.{key} (from {arg!r}); valid keys of "
+                        f"{seen}: {', '.join(sorted(node.keys()))}")
+            node, seen = node[key], f"{seen}.{key}"
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = None
+        try:
+            msg = _config_key_error(argv)
+        except Exception:  # noqa: BLE001  (fall back to the original message)
+            pass
+        sys.exit(f"error: {msg or e}")
 
 
 def main(argv):
@@ -37,16 +74,21 @@ def main(argv):
     from clax.training import train_continual
     from experiments.compare import run_comparison
 
+    from clax.training import NonFiniteLossError
+
     config = FLAGS.config
-    if "compare" in config:
-        run_comparison(config, FLAGS.workdir)
-        return
-    result = train_continual(config, FLAGS.workdir)
-    row = {"benchmark": config.scenario.name, "method": config.method.name, **result.summary,
+    try:
+        if "compare" in config:
+            run_comparison(config, FLAGS.workdir)
+            return
+        result = train_continual(config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
+    row = {"benchmark": config.name, "method": config.method.name, **result.summary,
            "train_time_s": result.train_time_s}
     print()
     print(clax_metrics.results_table([row]))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 import optax
+from ml_collections.config_dict import placeholder
 from flax import nnx
 
 from clax import data as clax_data
@@ -35,9 +36,15 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.seed = 0
-    c.data = ml_collections.ConfigDict({"source": "digits"})
+    # None means "not set": such keys are not passed to the component, so one section
+    # can carry the options of several sources/scenarios (and command-line overrides).
+    c.data = ml_collections.ConfigDict(
+        {"source": "digits", "root": placeholder(str), "name": placeholder(str),
+         "data_dir": placeholder(str), "cache_dir": placeholder(str)}
+    )
     c.scenario = ml_collections.ConfigDict(
-        {"name": "class_incremental", "classes_per_task": 2, "seed": 0}
+        {"name": "class_incremental", "classes_per_task": 2, "seed": 0,
+         "max_train_per_task": placeholder(int), "max_test_per_task": placeholder(int)}
     )
     c.model = ml_collections.ConfigDict(
         {"name": "mlp", "multi_head": False, "widths": (256, 256)}
@@ -69,11 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def component_kwargs(section: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
-    """The keyword arguments in config `section` (everything but its selector keys)."""
+    """The keyword arguments in config `section`: all but its selector keys and None values."""
     d = section.to_dict()
     for key in _SELECTORS[name]:
         d.pop(key, None)
-    return d
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def build_scenario(config: ml_collections.ConfigDict):

@@ -51,10 +51,17 @@ class RunResult:
 
 
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to reuse a workdir that holds a run with a different config."""
+    """Refuses to reuse a workdir whose checkpoints come from a different config.
+
+    A workdir without checkpoints (a run that failed before its first save) takes the
+    new config.
+    """
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
+    has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints"))
+    )
+    if os.path.exists(path) and has_checkpoints:
         with open(path) as f:
             saved = json.load(f)
         if saved != current:

@@ -98,6 +98,9 @@ class StepFns:
     # ------------------------------------------------------------------ training
     def init_state(self, params: PyTree, model_state: PyTree, seed: int) -> TrainState:
         """Fresh `TrainState` (optimizer and method memory initialised), replicated."""
+        # Copy: the steps donate the state, and the caller's model must keep its arrays.
+        params, model_state = jax.device_put((params, model_state), self._replicated,
+                                             may_alias=False)
         state = TrainState(
             params=params,
             model_state=model_state,

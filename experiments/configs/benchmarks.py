@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from clax.training import default_config
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -40,6 +42,10 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
 def use_benchmark(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """Replaces (not merges) the ``data`` and ``scenario`` sections of `config`."""
     preset = benchmark(name)
-    config.data = preset.data
-    config.scenario = preset.scenario
+    for section in ("data", "scenario"):
+        fresh = default_config()[section]  # the optional keys, unset (typed placeholders)
+        for key in fresh:
+            if key not in preset[section] and fresh[key] is None:
+                preset[section][key] = fresh.get_ref(key)
+        config[section] = preset[section]
     return config

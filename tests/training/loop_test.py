@@ -149,3 +149,12 @@ def test_model_data_shape_mismatch_names_both_shapes():
 def test_batch_must_divide_over_devices():
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
         train_continual(tiny_config(batch_size=30, num_devices=8), scenario=tiny_scenario())
+
+
+def test_callers_model_keeps_its_arrays():
+    scenario = tiny_scenario()
+    model = make_model("mlp", input_shape=scenario.input_shape, num_classes=4, widths=(16,),
+                       seed=0)
+    before = np.asarray(model(scenario.tasks[0].x_test[:4]))
+    train_continual(tiny_config(), scenario=scenario, model=model)  # steps donate buffers
+    np.testing.assert_array_equal(np.asarray(model(scenario.tasks[0].x_test[:4])), before)
