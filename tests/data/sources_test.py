@@ -169,13 +169,11 @@ def test_idx_label_count_mismatch(tmp_path):
 def fashion_mnist():
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip(f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
-    start = time.monotonic()
-    ds = data.load_fashion_mnist()
-    return ds, time.monotonic() - start
+    return data.load_fashion_mnist()
 
 
 def test_fashion_mnist_from_debian_package(fashion_mnist):
-    ds, seconds = fashion_mnist
+    ds = fashion_mnist
     assert ds.name == "fashion_mnist" and ds.num_classes == 10
     assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
     assert ds.y_train.shape == (60000,) and ds.y_test.shape == (10000,)
@@ -184,7 +182,6 @@ def test_fashion_mnist_from_debian_package(fashion_mnist):
     # Fashion-MNIST is balanced: 6000 / 1000 images of each class.
     np.testing.assert_array_equal(np.bincount(ds.y_train), np.full(10, 6000))
     np.testing.assert_array_equal(np.bincount(ds.y_test), np.full(10, 1000))
-    assert seconds < 10, f"loading Fashion-MNIST took {seconds:.1f} s"
 
 
 # --------------------------------------------------------------------------------------
@@ -264,9 +261,7 @@ def test_tfds_uses_cached_npz_without_calling_tfds(tmp_path, monkeypatch):
     }
     (tmp_path / "cache").mkdir()
     np.savez(tmp_path / "cache" / "mnist.npz", **cached)
-    start = time.monotonic()
     ds = data.load_tfds("mnist", data_dir=tmp_path / "missing", cache_dir=tmp_path / "cache")
-    assert time.monotonic() - start < 5
     assert ds.name == "mnist" and ds.num_classes == 7
     np.testing.assert_array_equal(ds.x_train, cached["x_train"].astype(np.float32) / 255)
     np.testing.assert_array_equal(ds.y_test, cached["y_test"])
