@@ -26,7 +26,7 @@ from clax.training.checkpoint import Checkpointer
 from clax.training.method import Batch, BoundaryContext, Method, TrainState
 from clax.training.model_fns import ModelFns
 from clax.training.sharding import data_mesh
-from clax.training.steps import StepFns
+from clax.training.steps import StepFns, next_power_of_two, pad_to_bucket
 
 log = logging.getLogger("clax")
 
@@ -154,10 +154,11 @@ def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]
 
 
 def _train_chunk(steps: StepFns, state: TrainState, data: Batch, train, idx: np.ndarray,
-                 task_index: int, *, device_resident: bool) -> tuple[TrainState, np.ndarray]:
+                 task_index: int, *, device_resident: bool,
+                 capacity: int) -> tuple[TrainState, np.ndarray]:
     """Runs the steps of `idx` on either data path; returns the state and per-step losses."""
     if device_resident:
-        state, m = steps.train_chunk(state, data, steps.replicate(idx), task_index)
+        state, m = steps.run_chunk(state, data, idx, task_index, capacity=capacity)
         return state, np.asarray(m.loss)
     losses = []
     for batch in feed.host_batches(train, idx):
@@ -268,7 +269,10 @@ def train_continual(
                 state = steps.replicate(method.before_task(state, ctx))
         data = Batch(x=train.x, y=train.y, task_ids=train.task_ids)
         if tc.device_resident:
-            data = steps.replicate(data)
+            data = steps.replicate(pad_to_bucket(data))
+        periods = [p for p in (tc.eval_every_steps, tc.checkpoint_every_steps) if p > 0]
+        steps_per_epoch = len(train.y) // tc.batch_size
+        capacity = next_power_of_two(min([steps_per_epoch, *periods]))
         last_loss = float("nan")
         for epoch in range(meta["epoch"], tc.epochs_per_task):
             idx = feed.epoch_index_batches(len(train.y), tc.batch_size, seed=config.seed,
@@ -279,7 +283,8 @@ def train_continual(
             for end in ends:
                 chunk_start = time.perf_counter()
                 state, losses = _train_chunk(steps, state, data, train, idx[start:end], t,
-                                             device_resident=tc.device_resident)
+                                             device_resident=tc.device_resident,
+                                             capacity=capacity)
                 meta["train_time_s"] += time.perf_counter() - chunk_start
                 _check_finite(losses, state, config.name, t, epoch, ckpt)
                 last_loss = float(losses[-1])

@@ -26,6 +26,25 @@ PyTree = Any
 _MASKED_LOGIT = -1e9
 
 
+def next_power_of_two(n: int) -> int:
+    """Smallest power of two >= n (n >= 1): a shape bucket that bounds recompilations."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pad_to_bucket(arrays: Batch) -> Batch:
+    """Zero-pads the leading axis to a size bucket, so tasks of similar size share shapes.
+
+    Buckets are multiples of 2^(bits(N) - 3): at most 12.5%-25% padding. Padded rows are
+    never indexed by the training loop.
+    """
+    n = len(arrays.y)
+    step = 1 << max(0, n.bit_length() - 3)
+    size = -(-n // step) * step
+    return jax.tree.map(
+        lambda a: np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]), arrays
+    )
+
+
 class StepMetrics(NamedTuple):
     """Per-step scalars returned by the training step."""
 
@@ -171,16 +190,47 @@ class StepFns:
         return self._step(state, batch, jnp.asarray(task_index, jnp.int32))
 
     def _train_chunk(
-        self, state: TrainState, data: Batch, index_batches: jax.Array, task_index
+        self, state: TrainState, data: Batch, index_batches: jax.Array, num_steps: jax.Array,
+        task_index,
     ) -> tuple[TrainState, StepMetrics]:
-        """Runs ``len(index_batches)`` steps; batch s is ``data[index_batches[s]]``."""
+        """Runs the first `num_steps` rows of `index_batches`; batch s is ``data[rows[s]]``.
+
+        `index_batches` has a fixed capacity (padded rows are never read) and `num_steps`
+        is traced, so chunks of any length up to the capacity share one compilation.
+        Metrics past `num_steps` are zero.
+        """
         task_index = jnp.asarray(task_index, jnp.int32)
+        capacity = index_batches.shape[0]
 
-        def body(state, idx):
-            batch = jax.tree.map(lambda a: a[idx], data)
-            return self._step(state, batch, task_index)
+        def body(s, carry):
+            state, losses, accs = carry
+            batch = jax.tree.map(lambda a: a[index_batches[s]], data)
+            state, m = self._step(state, batch, task_index)
+            return state, losses.at[s].set(m.loss), accs.at[s].set(m.accuracy)
 
-        return jax.lax.scan(body, state, index_batches)
+        zeros = jnp.zeros((capacity,), jnp.float32)
+        state, losses, accs = jax.lax.fori_loop(0, num_steps, body, (state, zeros, zeros))
+        return state, StepMetrics(loss=losses, accuracy=accs)
+
+    def run_chunk(
+        self, state: TrainState, data: Batch, index_batches: np.ndarray, task_index: int,
+        *, capacity: int | None = None,
+    ) -> tuple[TrainState, StepMetrics]:
+        """Runs one step per row of `index_batches` on device-resident `data`.
+
+        Rows are padded to `capacity` (default: the next power of two) so that chunks of
+        different lengths reuse one compiled loop. Returns metrics for the real steps only.
+        """
+        n = len(index_batches)
+        capacity = capacity or next_power_of_two(n)
+        if capacity < n:
+            raise ValueError(f"capacity={capacity} is smaller than the {n} steps of the chunk")
+        padded = np.zeros((capacity, index_batches.shape[1]), np.int32)
+        padded[:n] = index_batches
+        state, m = self.train_chunk(
+            state, data, self.replicate(padded), np.int32(n), np.int32(task_index)
+        )
+        return state, jax.tree.map(lambda a: a[:n], m)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, params, model_state, data: Batch, valid: jax.Array) -> jax.Array:

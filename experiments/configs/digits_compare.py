@@ -20,6 +20,8 @@ def get_config():
     c.train.epochs_per_task = 5
     c.train.batch_size = 32
     c.train.eval_batch_size = 128
+    c.train.eval_every_steps = 15  # accuracy-vs-step curves (accuracy_curves.png per run)
+    c.train.eval_subsample = 200
     c.compare = {"methods": "finetune,joint", "benchmarks": "split_digits,permuted_digits"}
     c.benchmarks = {name: benchmark(name) for name in ("split_digits", "permuted_digits")}
     return c

@@ -27,7 +27,7 @@ def test_scanned_chunk_equals_host_fed_steps():
     steps, state_a, data, _ = _setup()
     _, state_b, _, _ = _setup()
     idx = epoch_index_batches(len(data.y), 32, seed=0, task_index=0, epoch=0)[:6]
-    state_a, m_a = steps.train_chunk(state_a, steps.replicate(data), idx, 0)
+    state_a, m_a = steps.run_chunk(state_a, steps.replicate(data), idx, 0, capacity=8)
     losses_b = []
     for i in idx:
         batch = Batch(*(a[i] for a in data))
@@ -85,10 +85,12 @@ def test_extra_args_memory_and_no_retrace():
     p0 = jax.tree.map(np.asarray, state.params)
     data = steps.replicate(data)
     idx = epoch_index_batches(len(data.y), 32, seed=0, task_index=0, epoch=0)
-    state, _ = steps.train_chunk(state, data, idx[:4], 0)
-    state, _ = steps.train_chunk(state, data, idx[4:8], 1)
+    state, _ = steps.run_chunk(state, data, idx[:4], 0)
+    state, m = steps.run_chunk(state, data, idx[4:7], 1)  # shorter chunk: same capacity 4
     assert len(traces) == 1, "the chunk was retraced on its second call"
-    assert int(state.memory) == 8 * 32
+    assert steps.train_chunk._cache_size() == 1
+    assert m.loss.shape == (3,)
+    assert int(state.memory) == 7 * 32 and int(state.step) == 7
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), p0)
 
 
