@@ -4,7 +4,8 @@ A config with a ``compare`` section (``methods`` and ``benchmarks``, comma-separ
 a ``benchmarks`` section (name -> ``{data, scenario}``) runs every method on every
 benchmark into ``WORKDIR/<benchmark>/<method>`` (each resumable on its own), then writes
 ``WORKDIR/results.md``, ``WORKDIR/results.json`` and ``WORKDIR/comparison.png``.
-Per-method hyperparameters go in ``compare.method_kwargs.<method>``.
+Method hyperparameters come from ``config.method.<method>`` as in single runs; data and
+scenario come only from ``config.benchmarks.<name>``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import ml_collections
 
 from clax import metrics as clax_metrics
-from clax.training import train_continual
+from clax.training import default_config, train_continual
 
 
 def _names(value: str, what: str, valid) -> list[str]:
@@ -34,20 +35,32 @@ def _names(value: str, what: str, valid) -> list[str]:
 
 def run_config(config: ml_collections.ConfigDict, benchmark: str, method: str):
     """The single-run config for one (benchmark, method) cell of a comparison."""
-    c = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    c = ml_collections.ConfigDict(config.to_dict())  # an unlocked deep copy
     del c["compare"], c["benchmarks"]
     c.name = f"{benchmark}/{method}"
-    c.data = config.benchmarks[benchmark].data
-    c.scenario = config.benchmarks[benchmark].scenario
-    kwargs = config.compare.get("method_kwargs", {}).get(method, {})
-    c.method = ml_collections.ConfigDict({"name": method, **dict(kwargs)})
+    c.data = ml_collections.ConfigDict(config.benchmarks[benchmark].data.to_dict())
+    c.scenario = ml_collections.ConfigDict(config.benchmarks[benchmark].scenario.to_dict())
+    c.method.name = method
     return c
+
+
+def _check_no_top_level_data(config: ml_collections.ConfigDict) -> None:
+    """Compare mode ignores config.data/config.scenario: refuse edits that would be lost."""
+    ref = default_config()
+    for section in ("data", "scenario"):
+        if config[section].to_dict() != ref[section].to_dict():
+            raise ValueError(
+                f"in compare mode config.{section} is not used; set it per benchmark under "
+                f"config.benchmarks.<name>.{section} (benchmarks: "
+                f"{', '.join(sorted(config.benchmarks))})"
+            )
 
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs every (benchmark, method) pair; returns the rows of the results table."""
     from clax.training import registered_methods
 
+    _check_no_top_level_data(config)
     benchmarks = _names(config.compare.benchmarks, "benchmarks", set(config.benchmarks))
     methods = _names(config.compare.methods, "methods", set(registered_methods()))
     rows = []

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+flags.DEFINE_bool("traceback", False, "Show the full traceback of an error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -83,7 +84,9 @@ def main(argv):
             return
         result = train_continual(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+        if FLAGS.traceback:
+            raise
+        sys.exit(f"error: {e}\n(rerun with --traceback for the full stack)")
     row = {"benchmark": config.name, "method": config.method.name, **result.summary,
            "train_time_s": result.train_time_s}
     print()

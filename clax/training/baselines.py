@@ -16,7 +16,7 @@ def finetune() -> Method:
 
     The usual lower bound of continual learning: nothing protects earlier tasks.
     """
-    return Method(name="finetune", needs_task_boundaries=False)
+    return Method(name="finetune")
 
 
 def union_of_seen_tasks(tasks: Sequence[Task], index: int) -> TrainArrays:

@@ -25,7 +25,8 @@ class Checkpointer:
             self.directory,
             item_names=("state", "meta"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True,
+                cleanup_tmp_directories=True,  # leftovers of a save interrupted by a crash
             ),
         )
 

@@ -3,32 +3,55 @@
 Sections (every experiment config starts from `default_config()` and edits it):
 
 - ``data``: ``source`` (``digits``, ``idx``, ``fashion_mnist``, ``tfds``) plus that
-  source's keyword arguments.
+  source's keyword arguments (unset keys are typed placeholders and are not passed).
 - ``scenario``: ``name`` (``class_incremental``, ``task_incremental``, ``permuted``,
-  ``rotated``) plus its keyword arguments.
-- ``model``: ``name`` (``mlp``, ``cnn``, ``resnet18``, ``vit``), ``multi_head`` (one
-  head per task; task-incremental scenarios only) plus the model's keyword arguments.
-- ``method``: ``name`` plus the method's hyperparameters.
-- ``optimizer``: ``name`` (``sgd``, ``momentum``, ``adam``, ``adamw``) and its settings.
+  ``rotated``) plus its keyword arguments (placeholders likewise).
+- ``model``: ``name``, ``multi_head`` (one head per task; task-incremental scenarios
+  only) and one subsection per model with its arguments: ``model.mlp.widths``,
+  ``model.cnn.channels``, ...; only the selected model's subsection is used.
+- ``method``: ``name`` and one subsection per registered method with its
+  hyperparameters: ``--config.method.name=ewc --config.method.ewc.lam=100``.
+- ``optimizer``: ``name`` (``sgd``, ``adam``, ``adamw``), ``learning_rate``,
+  ``momentum`` (sgd only), ``weight_decay`` (sgd and adamw).
 - ``train``: schedule, batch sizes, evaluation, checkpointing, data path.
+
+Model and method subsections are generated from the registered factories' signatures, so
+every hyperparameter can be overridden from the command line under its own name.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import ml_collections
 import optax
-from ml_collections.config_dict import placeholder
 from flax import nnx
+from ml_collections.config_dict import placeholder
 
 from clax import data as clax_data
 from clax import models as clax_models
-from clax.training.method import Method, make_method
+from clax.training.method import Method, make_method, method_hyperparameters, registered_methods
 
-# Keys of a section that select the component; the rest are passed as keyword arguments.
-_SELECTORS = {"data": ("source",), "scenario": ("name",), "model": ("name", "multi_head"),
-              "method": ("name",)}
+_SIMPLE = (bool, int, float, str, tuple)
+# Keys of train/optimizer that may change when a run resumes (they do not change results).
+OPERATIONAL_KEYS = ("train.num_devices", "train.checkpoints_to_keep", "train.eval_batch_size")
+
+
+def _defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A subsection of overridable defaults (simple types only; lists become tuples)."""
+    section = {}
+    for name, default in params.items():
+        if isinstance(default, list):
+            default = tuple(default)
+        if default is not inspect.Parameter.empty and isinstance(default, _SIMPLE):
+            section[name] = default
+    return ml_collections.ConfigDict(section)
+
+
+def _model_defaults(name: str) -> dict[str, Any]:
+    sig = inspect.signature(clax_models.MODELS[name].__init__)
+    return {k: sig.parameters[k].default for k in clax_models.model_kwargs(name)}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,8 +59,6 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.seed = 0
-    # None means "not set": such keys are not passed to the component, so one section
-    # can carry the options of several sources/scenarios (and command-line overrides).
     c.data = ml_collections.ConfigDict(
         {"source": "digits", "root": placeholder(str), "name": placeholder(str),
          "data_dir": placeholder(str), "cache_dir": placeholder(str)}
@@ -46,12 +67,14 @@ def default_config() -> ml_collections.ConfigDict:
         {"name": "class_incremental", "classes_per_task": 2, "seed": 0,
          "max_train_per_task": placeholder(int), "max_test_per_task": placeholder(int)}
     )
-    c.model = ml_collections.ConfigDict(
-        {"name": "mlp", "multi_head": False, "widths": (256, 256)}
-    )
+    c.model = ml_collections.ConfigDict({"name": "mlp", "multi_head": False})
+    for name in sorted(clax_models.MODELS):
+        c.model[name] = _defaults_section(_model_defaults(name))
     c.method = ml_collections.ConfigDict({"name": "finetune"})
+    for name in registered_methods():
+        c.method[name] = _defaults_section(method_hyperparameters(name))
     c.optimizer = ml_collections.ConfigDict(
-        {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 0.0}
+        {"name": "sgd", "learning_rate": 0.01, "momentum": 0.0, "weight_decay": 0.0}
     )
     c.train = ml_collections.ConfigDict(
         {
@@ -64,9 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
             # Checkpoint every N steps (0: only at task boundaries). Needs a workdir.
             "checkpoint_every_steps": 0,
             "checkpoints_to_keep": 2,
-            # True: each task's data lives on device and an epoch is one lax.scan.
+            # True: each task's data lives on device and runs in compiled loops of steps.
             # False: batches are assembled on the host and fed step by step.
             "device_resident": True,
+            # Re-initialise the whole optimizer state (method transforms included) per task.
             "reset_optimizer_per_task": False,
             # Devices to shard the batch over (0: all local devices).
             "num_devices": 0,
@@ -75,20 +99,47 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def component_kwargs(section: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
-    """The keyword arguments in config `section`: all but its selector keys and None values."""
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the fixed sections (train, optimizer, top level) against the defaults.
+
+    Component arguments (data, scenario, model, method) are checked by the components.
+    """
+    ref = default_config()
+    for section in ("train", "optimizer"):
+        unknown = sorted(set(config[section].keys()) - set(ref[section].keys()))
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) config.{section}.{unknown[0]}; valid keys of config.{section}: "
+                f"{', '.join(sorted(ref[section].keys()))}"
+            )
+    missing = sorted(set(ref.keys()) - set(config.keys()))
+    if missing:
+        raise ValueError(f"config lacks section(s) {missing}; start from default_config()")
+
+
+def component_kwargs(section: ml_collections.ConfigDict, *selectors: str) -> dict[str, Any]:
+    """The keyword arguments in a flat config section: all but `selectors` and unset keys."""
     d = section.to_dict()
-    for key in _SELECTORS[name]:
+    for key in selectors:
         d.pop(key, None)
     return {k: v for k, v in d.items() if v is not None}
 
 
 def build_scenario(config: ml_collections.ConfigDict):
     """Loads the data source and splits it into the configured scenario."""
-    dataset = clax_data.load_source(config.data.source, **component_kwargs(config.data, "data"))
+    dataset = clax_data.load_source(config.data.source, **component_kwargs(config.data, "source"))
     return clax_data.make_scenario(
-        config.scenario.name, dataset, **component_kwargs(config.scenario, "scenario")
+        config.scenario.name, dataset, **component_kwargs(config.scenario, "name")
     )
+
+
+def _subsection(section: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+    sub = section.get(name)
+    if sub is None:
+        return {}
+    if not isinstance(sub, ml_collections.ConfigDict):
+        raise ValueError(f"config.{name} must be a section of keyword arguments, got {sub!r}")
+    return {k: v for k, v in sub.to_dict().items() if v is not None}
 
 
 def build_model(config: ml_collections.ConfigDict, scenario) -> nnx.Module:
@@ -99,35 +150,59 @@ def build_model(config: ml_collections.ConfigDict, scenario) -> nnx.Module:
             f"config.model.multi_head=True needs task ids, but scenario {scenario.name!r} "
             f"is {scenario.kind}; use a task_incremental scenario or multi_head=False"
         )
+    name = config.model.name
+    if name not in clax_models.MODELS:
+        raise ValueError(
+            f"unknown model {name!r}; valid choices: {', '.join(sorted(clax_models.MODELS))}"
+        )
     return clax_models.make_model(
-        config.model.name,
+        name,
         input_shape=tuple(scenario.input_shape),
         num_classes=scenario.num_classes,
         num_tasks=scenario.num_tasks if multi_head else 1,
         seed=config.seed,
-        **component_kwargs(config.model, "model"),
+        **_subsection(config.model, name),
     )
 
 
 def build_method(config: ml_collections.ConfigDict) -> Method:
-    """Builds the registered method named by ``config.method.name``."""
-    return make_method(config.method.name, **component_kwargs(config.method, "method"))
+    """Builds ``config.method.name`` with the hyperparameters of its subsection."""
+    name = config.method.name
+    return make_method(name, **_subsection(config.method, name))
 
 
-_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+_OPTIMIZER_SETTINGS = {
+    "sgd": ("momentum", "weight_decay"),
+    "adam": (),
+    "adamw": ("weight_decay",),
+}
 
 
 def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The base optimizer from ``config.optimizer``."""
+    """The base optimizer from ``config.optimizer``.
+
+    Raises:
+      ValueError: unknown name, or a non-zero setting the chosen optimizer does not use
+        (e.g. ``momentum`` with adam), so nothing is silently ignored.
+    """
     name, lr = opt.name, opt.learning_rate
+    if name not in _OPTIMIZER_SETTINGS:
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid choices: {', '.join(_OPTIMIZER_SETTINGS)}"
+        )
     if not lr > 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {lr}")
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "momentum":
-        return optax.sgd(lr, momentum=opt.get("momentum", 0.9))
+    for key in ("momentum", "weight_decay"):
+        if opt.get(key, 0.0) and key not in _OPTIMIZER_SETTINGS[name]:
+            raise ValueError(
+                f"config.optimizer.{key}={opt[key]} is not used by {name!r}; set it to 0 "
+                f"(settings of {name!r}: {', '.join(_OPTIMIZER_SETTINGS[name]) or 'none'})"
+            )
     if name == "adam":
         return optax.adam(lr)
     if name == "adamw":
-        return optax.adamw(lr, weight_decay=opt.get("weight_decay", 1e-4))
-    raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(_OPTIMIZERS)}")
+        return optax.adamw(lr, weight_decay=opt.weight_decay)
+    sgd = optax.sgd(lr, momentum=opt.momentum or None)
+    if opt.weight_decay:
+        return optax.chain(optax.add_decayed_weights(opt.weight_decay), sgd)
+    return sgd

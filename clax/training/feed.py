@@ -45,11 +45,12 @@ def padded_eval_batches(
     """Pads an evaluation set to whole batches.
 
     Returns:
-      (batches, valid): arrays shaped (num_batches, batch_size, ...) and a bool mask of
-      the real (non-padding) examples.
+      (batches, valid): arrays shaped (num_batches, batch_size, ...), num_batches a power
+      of two, and a bool mask of the real (non-padding) examples.
     """
     n = len(y)
-    num_batches = max(1, -(-n // batch_size))
+    # A power-of-two batch count: evaluation sets of similar size share one compilation.
+    num_batches = 1 << max(0, -(-n // batch_size) - 1).bit_length()
     pad = num_batches * batch_size - n
 
     def fit(a):

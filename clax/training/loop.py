@@ -64,14 +64,15 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     if os.path.exists(path) and has_checkpoints:
         with open(path) as f:
             saved = json.load(f)
-        if saved != current:
-            diffs = _diff_keys(saved, current)
+        diffs = [k for k in _diff_keys(saved, current) if k not in config_lib.OPERATIONAL_KEYS]
+        if diffs:
             raise ValueError(
                 f"workdir {workdir!r} holds a run with a different config (differing keys: "
                 f"{', '.join(diffs)}); use another --workdir to start a new run. Nothing in "
                 "the workdir was changed."
             )
-        return
+        if saved == current:
+            return
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -101,11 +102,41 @@ def _check_model_fits(model: Any, scenario: Any) -> None:
             f"model has {model.num_classes} outputs but scenario {scenario.name!r} has "
             f"{scenario.num_classes} classes"
         )
+    if model.num_tasks > 1 and not scenario.uses_task_ids:
+        raise ValueError(
+            f"model has {model.num_tasks} heads, but scenario {scenario.name!r} is "
+            f"{scenario.kind} and gives no task ids; heads would be picked with task "
+            "knowledge the scenario does not allow. Use a single-head model."
+        )
     if model.num_tasks not in (1, scenario.num_tasks):
         raise ValueError(
             f"model has {model.num_tasks} heads; expected 1 or the scenario's "
             f"{scenario.num_tasks} tasks"
         )
+
+
+def _checked_hook_state(new: TrainState, old: TrainState, hook: str, method: Method
+                        ) -> TrainState:
+    """Boundary hooks must keep every shape (one compiled step; restorable checkpoints)."""
+    if not isinstance(new, TrainState):
+        raise TypeError(f"method {method.name!r}: {hook} must return a TrainState, "
+                        f"got {type(new).__name__}")
+    for part in ("params", "model_state", "opt_state", "memory"):
+        a, b = getattr(old, part), getattr(new, part)
+        if jax.tree.structure(a) != jax.tree.structure(b):
+            raise ValueError(
+                f"method {method.name!r}: {hook} changed the tree structure of state.{part}; "
+                "memory must keep the structure init_memory gave it (use fixed capacity)"
+            )
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+            if (np.shape(x), jax.numpy.result_type(x)) != (np.shape(y), jax.numpy.result_type(y)):
+                raise ValueError(
+                    f"method {method.name!r}: {hook} changed state.{part}"
+                    f"{jax.tree_util.keystr(path)} from {np.shape(x)} "
+                    f"{jax.numpy.result_type(x)} to {np.shape(y)} {jax.numpy.result_type(y)}; "
+                    "keep shapes fixed (pad to a capacity and track the used size)"
+                )
+    return new
 
 
 def _logit_masks(scenario: Any) -> np.ndarray | None:
@@ -177,8 +208,8 @@ def _check_finite(losses: np.ndarray, state: TrainState, name: str, task: int, e
             if ckpt is not None and ckpt.latest() is not None else "no checkpoint was written")
     raise NonFiniteLossError(
         f"{name}: loss became {losses[bad][0]} at step {at} (task {task}, epoch {epoch}); "
-        f"stopped without saving, {kept}. Lower config.optimizer.learning_rate or check "
-        "the data."
+        f"stopped without saving, {kept}. Lower config.optimizer.learning_rate (with a new "
+        "--workdir: a changed config does not resume this one) or check the data."
     )
 
 
@@ -206,6 +237,7 @@ def train_continual(
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
       ValueError: inconsistent config, data and model (before anything is compiled).
     """
+    config_lib.validate_config(config)
     scenario = scenario if scenario is not None else config_lib.build_scenario(config)
     model = model if model is not None else config_lib.build_model(config, scenario)
     method = method if method is not None else config_lib.build_method(config)
@@ -244,7 +276,7 @@ def train_continual(
                             max_to_keep=tc.checkpoints_to_keep)
         if ckpt.latest() is not None:
             state, meta = ckpt.restore(state)
-            state = steps.replicate(state)
+            state = steps.place_state(state)
             log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)",
                      config.name, ckpt.latest(), workdir, meta["task"], meta["epoch"],
                      meta["step_in_epoch"])
@@ -260,13 +292,15 @@ def train_continual(
         task_start = time.perf_counter()
         task_step0 = int(state.step)
         train = method.training_data(scenario.tasks, t)
-        ctx = BoundaryContext(task_index=t, tasks=scenario.tasks, train=train,
-                              model=fns_model, config=config)
+        ctx = BoundaryContext(task_index=t, tasks=scenario.tasks, train=train, model=fns_model,
+                              steps=steps, config=config,
+                              rng=jax.random.fold_in(jax.random.key(config.seed), t))
         if meta["epoch"] == 0 and meta["step_in_epoch"] == 0:  # not resuming mid-task
             if tc.reset_optimizer_per_task and t > 0:
-                state = state._replace(opt_state=steps.replicate(steps.tx.init(state.params)))
+                state = steps.place_state(state._replace(opt_state=steps.tx.init(state.params)))
             if method.before_task is not None:
-                state = steps.replicate(method.before_task(state, ctx))
+                state = steps.place_state(_checked_hook_state(
+                    method.before_task(state, ctx), state, "before_task", method))
         data = Batch(x=train.x, y=train.y, task_ids=train.task_ids)
         if tc.device_resident:
             data = steps.replicate(pad_to_bucket(data))
@@ -306,7 +340,8 @@ def train_continual(
                     ckpt.save(state, meta)
         if method.consolidate is not None:
             consolidate_start = time.perf_counter()
-            state = steps.replicate(method.consolidate(state, ctx))
+            state = steps.place_state(_checked_hook_state(
+                method.consolidate(state, ctx), state, "consolidate", method))
             meta["train_time_s"] += time.perf_counter() - consolidate_start
         task_steps = int(state.step) - task_step0
         meta["task_train_time_s"].append(meta["train_time_s"] - task_time0)

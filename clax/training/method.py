@@ -9,7 +9,10 @@ field                  role
 ``transform``          optax transform chained *before* the base optimizer
                        (gradient surgery: projections, penalties, masks).
 ``post_transform``     optax transform chained *after* the base optimizer
-                       (update-space edits, e.g. parameter EMA).
+                       (update-space edits).
+``wrapper``            ``tx -> tx`` applied around the whole chain, for transforms that
+                       need both the raw gradient and the final update (e.g. an EMA of
+                       the parameters whose rate depends on the gradient).
 ``init_memory``        ``params -> memory``: the method's own state (bases, Fisher,
                        replay buffer...). Any pytree; it is checkpointed with the run.
 ``extra_args``         ``StepContext -> dict``: keyword extra args passed each step to
@@ -23,7 +26,10 @@ field                  role
 =====================  ================================================================
 
 All step-time hooks run inside the jitted training step: they must be pure jnp code with
-static shapes. Boundary hooks run between tasks and may call jitted helpers themselves.
+static shapes. Boundary hooks run between tasks and may call jitted helpers themselves,
+but must return memory with the structure, shapes and dtypes that ``init_memory`` gave
+(fixed-capacity buffers, padded bases with a rank count): that keeps one compiled step for
+the whole run and lets every checkpoint restore into the same template. The loop checks it.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class TrainState(NamedTuple):
 class StepContext(NamedTuple):
     """What a method's step-time hooks can read. Built inside the jitted step."""
 
+    params: PyTree  # parameters before this step's update
     batch: Batch
     memory: PyTree
     rng: jax.Array  # a key for this step, independent of the loop's own use
@@ -91,6 +98,8 @@ class BoundaryContext(NamedTuple):
     tasks: Sequence[Task]  # all tasks of the scenario (a method must only read seen ones)
     train: TrainArrays  # what was (or will be) trained on for this task
     model: Any  # clax.training.model_fns.ModelFns: apply / features / layer inputs
+    steps: Any  # clax.training.steps.StepFns: masked loss, mesh, replicate/shard helpers
+    rng: jax.Array  # a key for this boundary, derived from the run seed and task index
     config: Any  # the run's ml_collections config (read-only)
 
 
@@ -116,6 +125,7 @@ class Method:
     name: str
     transform: optax.GradientTransformation | None = None
     post_transform: optax.GradientTransformation | None = None
+    wrapper: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None
     init_memory: Callable[[PyTree], PyTree] = _no_memory
     extra_args: Callable[[StepContext], dict[str, Any]] | None = None
     loss_terms: Callable[[PyTree, StepContext], jax.Array] | None = None
@@ -123,15 +133,23 @@ class Method:
     before_task: Callable[[TrainState, BoundaryContext], TrainState] | None = None
     consolidate: Callable[[TrainState, BoundaryContext], TrainState] | None = None
     training_data: Callable[[Sequence[Task], int], TrainArrays] = current_task_data
-    # False for methods that can run on a stream with no known task boundaries.
-    needs_task_boundaries: bool = True
 
     def optimizer(
         self, base: optax.GradientTransformation
     ) -> optax.GradientTransformationExtraArgs:
-        """Chains ``transform -> base -> post_transform`` (missing parts are skipped)."""
+        """``wrapper(chain(transform, base, post_transform))``; missing parts are skipped."""
         parts = [t for t in (self.transform, base, self.post_transform) if t is not None]
-        return optax.chain(*parts)
+        tx = optax.chain(*parts)
+        if self.wrapper is None:
+            return tx
+        wrapped = self.wrapper(tx)
+        if not isinstance(wrapped, optax.GradientTransformationExtraArgs):
+            raise TypeError(
+                f"method {self.name!r}: wrapper must return an "
+                "optax.GradientTransformationExtraArgs that forwards **extra_args to the "
+                f"transform it wraps, got {type(wrapped).__name__}"
+            )
+        return wrapped
 
 
 # ----------------------------------------------------------------------------- registry
@@ -143,12 +161,32 @@ def register_method(name: str) -> Callable[[Callable[..., Method]], Callable[...
     """Decorator: registers a factory ``(**hyperparameters) -> Method`` under `name`."""
 
     def decorator(factory: Callable[..., Method]) -> Callable[..., Method]:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"a method named {name!r} is already registered")
+        old = _REGISTRY.get(name)
+        # Re-running the same definition (a notebook cell, a reloaded module) replaces it;
+        # a different factory under a taken name is a mistake.
+        if old is not None and _qualname(old) != _qualname(factory):
+            raise ValueError(
+                f"a method named {name!r} is already registered by {_qualname(old)}"
+            )
         _REGISTRY[name] = factory
         return factory
 
     return decorator
+
+
+def _qualname(f: Callable) -> str:
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+
+
+def method_hyperparameters(name: str) -> dict[str, Any]:
+    """The hyperparameters of registered method `name` with their defaults."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown method {name!r}; valid choices: {', '.join(registered_methods())}"
+        )
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def registered_methods() -> tuple[str, ...]:

@@ -43,7 +43,11 @@ class ModelFns:
 
     @classmethod
     def split(cls, model: nnx.Module) -> tuple["ModelFns", PyTree, PyTree]:
-        """Splits `model` into (`ModelFns`, params, model_state); params are nnx.Param."""
+        """Splits `model` into (`ModelFns`, params, model_state); params are nnx.Param.
+
+        Works on a clone, so the caller's model keeps its mode (train/eval) and arrays.
+        """
+        model = nnx.clone(model)
         model.train()
         graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()

@@ -9,6 +9,7 @@ numbers for the same batches, which the tests check.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -104,8 +105,22 @@ class StepFns:
 
     # ------------------------------------------------------------------ shardings
     def replicate(self, tree: PyTree) -> PyTree:
-        """Places a pytree on every device of the mesh (params, state, resident data)."""
+        """Places a pytree (host or device arrays) on every device of the mesh."""
         return jax.device_put(tree, self._replicated)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        """A replicated copy of `state` in fresh buffers, safe to donate.
+
+        The steps donate the state, so no leaf may share a buffer with the caller's arrays
+        or with another leaf (e.g. memory holding ``params``). ``device_put`` does not
+        guarantee that when replicating (the shard already on the device may be reused),
+        so this copies inside a jitted function, whose outputs are always new buffers.
+        """
+        return self._copy_state(state)
+
+    @functools.cached_property
+    def _copy_state(self):
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self._replicated)
 
     def shard_batch(self, batch: Batch) -> Batch:
         """Places a host batch on the mesh, split along the batch axis."""
@@ -117,9 +132,6 @@ class StepFns:
     # ------------------------------------------------------------------ training
     def init_state(self, params: PyTree, model_state: PyTree, seed: int) -> TrainState:
         """Fresh `TrainState` (optimizer and method memory initialised), replicated."""
-        # Copy: the steps donate the state, and the caller's model must keep its arrays.
-        params, model_state = jax.device_put((params, model_state), self._replicated,
-                                             may_alias=False)
         state = TrainState(
             params=params,
             model_state=model_state,
@@ -128,7 +140,7 @@ class StepFns:
             rng=jax.random.key(seed),
             step=jnp.zeros((), jnp.int32),
         )
-        return self.replicate(state)
+        return self.place_state(state)
 
     def _loss(self, params, model_state, batch: Batch):
         logits, new_model_state = self.model.apply(
@@ -151,6 +163,7 @@ class StepFns:
             return self._loss(params, state.model_state, other)[0]
 
         ctx = StepContext(
+            params=state.params,
             batch=batch,
             memory=state.memory,
             rng=method_key,

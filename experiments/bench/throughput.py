@@ -45,7 +45,7 @@ def clax_config(num_tasks: int):
     c.name = "throughput/clax"
     use_benchmark(c, "permuted_fmnist")
     c.scenario.num_tasks = num_tasks
-    c.model.widths = WIDTHS
+    c.model.mlp.widths = WIDTHS
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = LR
     c.train.batch_size = BATCH
@@ -97,6 +97,8 @@ def bare_loop(scenario, seed: int) -> list[float]:
 
 def main(argv):
     del argv
+    if FLAGS.tasks < 2:
+        raise app.UsageError("--tasks must be >= 2 (task 1 includes compilation)")
     config = clax_config(FLAGS.tasks)
     scenario = build_scenario(config)
     rows = []

@@ -14,7 +14,7 @@ from experiments.configs.benchmarks import benchmark
 def get_config():
     c = default_config()
     c.name = "digits_compare"
-    c.model.widths = (128, 128)
+    c.model.mlp.widths = (128, 128)
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 0.05
     c.train.epochs_per_task = 5

@@ -12,7 +12,7 @@ from experiments.configs.benchmarks import benchmark
 def get_config():
     c = default_config()
     c.name = "fmnist_compare"
-    c.model.widths = (256, 256)
+    c.model.mlp.widths = (256, 256)
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 0.05
     c.train.epochs_per_task = 1

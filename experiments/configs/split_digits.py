@@ -12,7 +12,7 @@ def get_config():
     c = default_config()
     c.name = "split_digits"
     use_benchmark(c, "split_digits")
-    c.model.widths = (128, 128)
+    c.model.mlp.widths = (128, 128)
     c.optimizer.learning_rate = 0.05
     c.train.epochs_per_task = 5
     c.train.batch_size = 32

@@ -25,8 +25,8 @@ def test_padded_eval_batches_mark_padding_invalid():
     x = np.arange(10, dtype=np.float32)[:, None]
     y = np.arange(10, dtype=np.int32)
     batches, valid = feed.padded_eval_batches(x, y, np.zeros(10, np.int32), 4)
-    assert batches.x.shape == (3, 4, 1) and valid.shape == (3, 4)
-    assert valid.sum() == 10 and not valid[2, 2:].any()
+    assert batches.x.shape == (4, 4, 1) and valid.shape == (4, 4)  # 3 batches -> 4
+    assert valid.sum() == 10 and not valid[2, 2:].any() and not valid[3].any()
     np.testing.assert_array_equal(batches.y.reshape(-1)[:10], y)
 
 

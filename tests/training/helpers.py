@@ -33,7 +33,7 @@ def tiny_scenario(kind="class_incremental", **kwargs):
 def tiny_config(**train):
     c = default_config()
     c.name = "tiny"
-    c.model.widths = (16,)
+    c.model.mlp.widths = (16,)
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 0.1
     c.train.epochs_per_task = 2

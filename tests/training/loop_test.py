@@ -75,32 +75,57 @@ def test_periodic_evaluation_records_curves():
 
 
 def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from clax.training import Method
+
+    def consolidate(state, ctx):  # memory written at task ends, read every step
+        return state._replace(memory={**state.memory, "anchor": state.params})
+
+    method = Method(
+        name="counting_anchor",
+        init_memory=lambda p: {"anchor": p, "seen": jnp.zeros((), jnp.int32)},
+        update_memory=lambda m, ctx, logits, p: {**m, "seen": m["seen"] + ctx.batch.y.shape[0]},
+        loss_terms=lambda p, ctx: 1e-3 * sum(
+            jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
+                                                  jax.tree.leaves(ctx.memory["anchor"]))),
+        consolidate=consolidate,
+    )
     scenario = tiny_scenario()
-    config = tiny_config(checkpoint_every_steps=4, epochs_per_task=3)
-    reference = train_continual(config, scenario=scenario, keep_state=True)
+    config = tiny_config(checkpoint_every_steps=4, epochs_per_task=3, eval_every_steps=5,
+                         eval_subsample=30)
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 0.01
+    reference = train_continual(config, scenario=scenario, method=method, keep_state=True)
 
     workdir = str(tmp_path / "run")
     real_chunk = loop._train_chunk
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 10:  # task 0 runs 8 chunks (ends at every 4th step and epoch ends)
+        task_index = args[5]
+        calls["n"] += task_index == 1
+        if calls["n"] == 3:  # the third chunk of task 1: after a mid-epoch checkpoint
             raise KeyboardInterrupt("simulated preemption")
         return real_chunk(*args, **kwargs)
 
     monkeypatch.setattr(loop, "_train_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_continual(config, workdir, scenario=scenario)
+        train_continual(config, workdir, scenario=scenario, method=method)
     monkeypatch.setattr(loop, "_train_chunk", real_chunk)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     _, meta = ckpt.restore(reference.state)
     assert (meta["task"], meta["epoch"]) == (1, 0) and meta["step_in_epoch"] > 0  # mid-epoch
 
-    resumed = train_continual(config, workdir, scenario=scenario, keep_state=True)
+    resumed = train_continual(config, workdir, scenario=scenario, method=method, keep_state=True)
     np.testing.assert_allclose(resumed.accuracy_matrix, reference.accuracy_matrix)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
-                 resumed.state.params, reference.state.params)
+    for part in ("params", "opt_state", "memory"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
+                     getattr(resumed.state, part), getattr(reference.state, part))
+    steps_per_epoch = [len(t.y_train) // 32 for t in scenario.tasks]
+    assert int(resumed.state.memory["seen"]) == 3 * 32 * sum(steps_per_epoch)
+    assert resumed.curves == reference.curves
+    assert len(resumed.task_train_time_s) == 2
     with open(os.path.join(workdir, "metrics.json")) as f:
         assert json.load(f)["summary"]["acc"] == pytest.approx(reference.summary["acc"])
 
