@@ -129,14 +129,18 @@ def _checked_hook_state(new: TrainState, old: TrainState, hook: str, method: Met
                 "memory must keep the structure init_memory gave it (use fixed capacity)"
             )
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-            if (np.shape(x), jax.numpy.result_type(x)) != (np.shape(y), jax.numpy.result_type(y)):
+            was, now = (np.shape(x), _dtype(x)), (np.shape(y), _dtype(y))
+            if was != now:
                 raise ValueError(
                     f"method {method.name!r}: {hook} changed state.{part}"
-                    f"{jax.tree_util.keystr(path)} from {np.shape(x)} "
-                    f"{jax.numpy.result_type(x)} to {np.shape(y)} {jax.numpy.result_type(y)}; "
+                    f"{jax.tree_util.keystr(path)} from {was[0]} {was[1]} to {now[0]} {now[1]}; "
                     "keep shapes fixed (pad to a capacity and track the used size)"
                 )
     return new
+
+
+def _dtype(x: Any) -> str:
+    return str(getattr(x, "dtype", None) or np.result_type(x))
 
 
 def _logit_masks(scenario: Any) -> np.ndarray | None:
