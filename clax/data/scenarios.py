@@ -34,6 +34,7 @@ __all__ = [
     "class_incremental",
     "make_scenario",
     "permuted",
+    "pretrain_continual",
     "rotate_images",
     "rotated",
     "task_incremental",
@@ -529,6 +530,76 @@ def rotated(
                             max_train_per_task, max_test_per_task)
 
 
+def pretrain_continual(
+    dataset: Dataset,
+    *,
+    base_classes: Sequence[int] | None = None,
+    classes_per_task: int | Sequence[int] = 2,
+    seed: int = 0,
+    max_train_per_task: int | None = None,
+    max_test_per_task: int | None = None,
+) -> Scenario:
+    """Pretrain-then-continual: a base task of many classes, then small new-class tasks.
+
+    Task 0 is the base ("pretraining", or control) split; tasks 1.. bring the remaining
+    classes class-incrementally, in natural order. Report how much of the base accuracy
+    survives the later tasks and how well they are learned
+    (``clax.metrics.pretrain_continual_summary``). This is the setting of weight-space
+    methods that protect a pre-trained model: EMA balancing (Qiao et al., ICML 2025),
+    weight averaging (ZSCL, Zheng et al., ICCV 2023), LiNeS (Wang et al., ICLR 2025), SLCA
+    (Zhang et al., ICCV 2023).
+
+    Args:
+        dataset: the data to split.
+        base_classes: class ids of the base task; default the first half
+            (``num_classes // 2``) of the classes.
+        classes_per_task: classes per later task: an int (when it does not divide the
+            remaining classes, the last task takes the remainder) or one count per task
+            (summing to at most the remaining classes).
+        seed: seeds the subsampling.
+        max_train_per_task: keep at most this many random training examples per task.
+        max_test_per_task: keep at most this many random test examples per task.
+
+    Returns:
+        A ``class_incremental`` `Scenario`.
+
+    Raises:
+        ValueError: bad ``base_classes`` (empty, repeated, out of range, or all classes)
+            or ``classes_per_task``.
+    """
+    _check_dataset(dataset)
+    n = dataset.num_classes
+    if base_classes is None:
+        base = np.arange(n // 2)
+    else:
+        base = np.asarray(base_classes)
+        if base.ndim != 1 or base.size == 0 or not np.issubdtype(base.dtype, np.integer):
+            raise ValueError(
+                f"base_classes must be a non-empty sequence of ints, got {base_classes!r}"
+            )
+        if base.min() < 0 or base.max() >= n or len(np.unique(base)) != len(base):
+            raise ValueError(
+                f"base_classes must hold distinct class ids in [0, {n}), got {base.tolist()}"
+            )
+    rest = np.setdiff1d(np.arange(n), base)
+    if base.size == 0 or rest.size == 0:
+        raise ValueError(
+            f"base_classes must leave classes for the later tasks and hold at least one; got "
+            f"{base.tolist()} of {n} classes"
+        )
+    if isinstance(classes_per_task, (int, np.integer)) and not isinstance(classes_per_task, bool):
+        cpt = int(classes_per_task)
+        if cpt < 1:
+            raise ValueError(f"classes_per_task must be >= 1, got {cpt}")
+        sizes = [cpt] * (len(rest) // cpt) + ([len(rest) % cpt] if len(rest) % cpt else [])
+    else:
+        sizes = _task_sizes(classes_per_task, None, len(rest))
+    return _split_by_class(
+        dataset, "class_incremental", "pretrain_continual", [len(base), *sizes], None,
+        [*base.tolist(), *rest.tolist()], False, seed, max_train_per_task, max_test_per_task,
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Registry
 
@@ -537,6 +608,7 @@ SCENARIOS: dict[str, Callable[..., Scenario]] = {
     "task_incremental": task_incremental,
     "permuted": permuted,
     "rotated": rotated,
+    "pretrain_continual": pretrain_continual,
 }
 
 
@@ -544,7 +616,8 @@ def make_scenario(name: str, dataset: Dataset, /, **kwargs: Any) -> Scenario:
     """Builds the scenario registered as ``name`` (see `SCENARIOS`) from ``dataset``.
 
     Args:
-        name: one of ``class_incremental``, ``task_incremental``, ``permuted``, ``rotated``.
+        name: one of ``class_incremental``, ``task_incremental``, ``permuted``, ``rotated``,
+            ``pretrain_continual``.
         dataset: the data to split.
         **kwargs: that scenario factory's keyword arguments.
 

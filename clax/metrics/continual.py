@@ -287,3 +287,38 @@ def summarize(R: npt.ArrayLike, b: npt.ArrayLike | None = None) -> dict[str, flo
         "forgetting": average_forgetting(R),
         "avg_incremental_acc": average_incremental_accuracy(R),
     }
+
+
+def pretrain_continual_summary(R: npt.ArrayLike) -> dict[str, float | None]:
+    """Base-task retention and new-task accuracy of a pretrain-then-continual run.
+
+    Task 0 is the base (pretraining, "control") task and tasks ``1..T−1`` the new ones
+    (``clax.data.pretrain_continual``), as in the control / target split of LiNeS (Wang et
+    al., ICLR 2025)::
+
+        base_before    = R[0, 0]                 (base accuracy after pretraining)
+        base_after     = R[T−1, 0]               (after all new tasks)
+        base_retention = R[T−1, 0] / R[0, 0]     (None when R[0, 0] = 0)
+        new_tasks_acc  = mean_{j>=1} R[T−1, j]
+
+    Args:
+        R: Accuracy matrix of shape ``(T, T)`` with ``T >= 2`` and entries in ``[0, 1]``.
+
+    Returns:
+        A dict of Python floats (``base_retention`` may be None).
+
+    Raises:
+        ValueError: If ``R`` is invalid or has a single task (no new tasks).
+    """
+    R = validate_accuracy_matrix(R)
+    if R.shape[0] < 2:
+        raise ValueError(
+            f"R must have a base task and at least one new task (T >= 2), got shape {R.shape}"
+        )
+    before, after = float(R[0, 0]), float(R[-1, 0])
+    return {
+        "base_before": before,
+        "base_after": after,
+        "base_retention": after / before if before > 0 else None,
+        "new_tasks_acc": float(np.mean(R[-1, 1:])),
+    }

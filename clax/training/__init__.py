@@ -55,3 +55,4 @@ __all__ = [
     "train_continual",
     "union_of_seen_tasks",
 ]
+import clax.methods  # noqa: F401, E402  (registers the weight-space methods)

@@ -32,6 +32,15 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
             {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
             {"name": "permuted", "num_tasks": 5, "seed": 0},
         ),
+        # Pretrain-then-continual: task 0 = classes 0-4 (base), then {5,6}, {7,8}, {9}.
+        "pretrain_digits": (
+            {"source": "digits"},
+            {"name": "pretrain_continual", "classes_per_task": 2, "seed": 0},
+        ),
+        "pretrain_fmnist": (
+            {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
+            {"name": "pretrain_continual", "classes_per_task": 2, "seed": 0},
+        ),
     }
     if name not in presets:
         raise ValueError(f"unknown benchmark {name!r}; valid choices: {', '.join(sorted(presets))}")
