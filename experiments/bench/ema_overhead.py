@@ -14,15 +14,14 @@ ratio is the median over repeats of the per-repeat ratio. Target: <= 1.1x.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 
 import jax
 from absl import app, flags
 
 from clax.training import build_scenario, default_config, train_continual
+from experiments.bench.common import device_description, write_json
 from experiments.configs.benchmarks import FASHION_MNIST_DIR, use_benchmark
 
 FLAGS = flags.FLAGS
@@ -81,8 +80,7 @@ def main(argv):
                    f"--tasks={FLAGS.tasks}",
         "work": f"MLP 784-{'-'.join(map(str, WIDTHS))}-10, SGD lr {LR}, batch {BATCH}, "
                 f"{benchmark}, {FLAGS.tasks} tasks x 1 epoch; steady = tasks 2..{FLAGS.tasks}",
-        "device": f"{jax.devices()[0].device_kind} x1 ({jax.default_backend()}), "
-                  f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "device": device_description(),
         "jax": jax.__version__,
         "steady_steps": steps,
         "ratio_median": {k: med(r[k]["steady_s"] / r["plain"]["steady_s"] for r in rows)
@@ -98,10 +96,7 @@ def main(argv):
     for k, v in summary["steady_steps_per_s_best"].items():
         print(f"{k}: best {v:.0f} steps/s")
     if FLAGS.out:
-        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"wrote {FLAGS.out}")
+        write_json(FLAGS.out, summary)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -26,6 +25,7 @@ from absl import app, flags
 
 from clax.metrics import pretrain_continual_summary
 from clax.training import build_scenario, train_continual
+from experiments.bench.common import device_description
 from experiments.compare import run_config
 from experiments.configs import pretrain_continual_digits, pretrain_continual_fmnist
 
@@ -83,8 +83,7 @@ def main(argv):
               f"{row['train_time_s']:.1f}s", flush=True)
 
     command = "python -m experiments.bench.pretrain_continual " + " ".join(sys.argv[1:])
-    device = (f"{jax.devices()[0].device_kind} x1 ({jax.default_backend()}), "
-              f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
+    device = device_description()
     t = base.train
     work = (f"{FLAGS.benchmark}: {[t_.classes.tolist() for t_ in scenario.tasks]}, MLP "
             f"{tuple(base.model.mlp.widths)}, {base.optimizer.name} lr "

@@ -12,9 +12,6 @@ repeat runs the two loops back to back and the ratio uses the median over repeat
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
 
@@ -27,6 +24,7 @@ from absl import app, flags
 from clax.training import default_config, train_continual
 from clax.training import build_scenario
 from clax.training.feed import epoch_index_batches
+from experiments.bench.common import device_description, write_json
 from experiments.configs.benchmarks import use_benchmark
 
 FLAGS = flags.FLAGS
@@ -121,8 +119,7 @@ def main(argv):
         "command": "python -m experiments.bench.throughput " + f"--repeats={FLAGS.repeats}",
         "work": f"MLP 784-{'-'.join(map(str, WIDTHS))}-10, SGD lr {LR}, batch {BATCH}, "
                 f"Permuted Fashion-MNIST, {FLAGS.tasks} tasks x 1 epoch, finetune",
-        "device": f"{jax.devices()[0].device_kind} x1 ({jax.default_backend()}), "
-                  f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "device": device_description(),
         "jax": jax.__version__,
         "steps": steps,
         "ratio_total_median": med(c / b for c, b in zip(clax_total, bare_total)),
@@ -141,10 +138,7 @@ def main(argv):
     print(f"steady state, best of {FLAGS.repeats}: clax {best['clax']:.0f} steps/s, bare "
           f"{best['bare']:.0f} steps/s, ratio {summary['ratio_steady_best']:.3f}x")
     if FLAGS.out:
-        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"wrote {FLAGS.out}")
+        write_json(FLAGS.out, summary)
 
 
 if __name__ == "__main__":
