@@ -5,6 +5,7 @@ factory (`make_scenario`, `SCENARIOS`) splits it into a deterministic sequence o
 held in a `Scenario`.
 """
 
+from clax.data.rotation import rotate_images
 from clax.data.scenarios import (
     KINDS,
     SCENARIOS,
@@ -14,7 +15,6 @@ from clax.data.scenarios import (
     make_scenario,
     permuted,
     pretrain_continual,
-    rotate_images,
     rotated,
     task_incremental,
 )

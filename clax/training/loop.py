@@ -168,13 +168,11 @@ class _Evaluator:
             )
             self._sets.append((fns.replicate(batches), fns.replicate(valid), len(keep)))
 
-    def accuracy(self, state: TrainState, task_index: int) -> float:
-        data, valid, n = self._sets[task_index]
-        correct = self._fns.evaluate(state.params, state.model_state, data, valid)
-        return float(correct) / n
-
     def accuracies(self, state: TrainState, tasks: range) -> list[float]:
-        return [self.accuracy(state, j) for j in tasks]
+        """Dispatches every task's evaluation, then reads all counts in one transfer."""
+        counts = [self._fns.evaluate(state.params, state.model_state, *self._sets[j][:2])
+                  for j in tasks]
+        return [int(c) / self._sets[j][2] for c, j in zip(jax.device_get(counts), tasks)]
 
 
 def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]) -> list[int]:
@@ -333,9 +331,8 @@ def train_continual(
                 step_now = int(state.step)
                 if sub_eval is not None and step_now % tc.eval_every_steps == 0:
                     meta["curves"] += [
-                        {"step": step_now, "train_task": t, "eval_task": j,
-                         "accuracy": sub_eval.accuracy(state, j)}
-                        for j in range(t + 1)
+                        {"step": step_now, "train_task": t, "eval_task": j, "accuracy": acc}
+                        for j, acc in enumerate(sub_eval.accuracies(state, range(t + 1)))
                     ]
                 task_ends_here = epoch_done and epoch + 1 == tc.epochs_per_task
                 every = tc.checkpoint_every_steps
