@@ -170,7 +170,8 @@ class _Evaluator:
 
     def accuracies(self, state: TrainState, tasks: range) -> list[float]:
         """Dispatches every task's evaluation, then reads all counts in one transfer."""
-        counts = [self._fns.evaluate(state.params, state.model_state, *self._sets[j][:2])
+        counts = [self._fns.evaluate(state.params, state.model_state, state.memory,
+                                      *self._sets[j][:2])
                   for j in tasks]
         return [int(c) / self._sets[j][2] for c, j in zip(jax.device_get(counts), tasks)]
 

@@ -23,6 +23,10 @@ field                  role
 ``consolidate``        ``(TrainState, BoundaryContext) -> TrainState`` at a task end.
 ``training_data``      ``(tasks, index) -> TrainArrays``: what the loop trains on for
                        task ``index`` (the current task; ``joint`` uses the union).
+``predict``            ``(memory, features, task_ids) -> logits``: replaces the model's
+                       head at evaluation (prototype and closed-form heads that live in
+                       memory). ``features`` are the model's penultimate features (B, D);
+                       the logits must have the model's (B, num_classes) shape.
 =====================  ================================================================
 
 All step-time hooks run inside the jitted training step: they must be pure jnp code with
@@ -133,6 +137,7 @@ class Method:
     before_task: Callable[[TrainState, BoundaryContext], TrainState] | None = None
     consolidate: Callable[[TrainState, BoundaryContext], TrainState] | None = None
     training_data: Callable[[Sequence[Task], int], TrainArrays] = current_task_data
+    predict: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None
 
     def optimizer(
         self, base: optax.GradientTransformation

@@ -246,10 +246,18 @@ class StepFns:
         return state, jax.tree.map(lambda a: a[:n], m)
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, params, model_state, data: Batch, valid: jax.Array) -> jax.Array:
+    def predict(self, params, model_state, memory, x: jax.Array, task_ids: jax.Array):
+        """Evaluation-mode logits: the model's head, or the method's `predict` hook."""
+        if self.method.predict is None:
+            return self.model.apply(params, model_state, x, task_ids, train=False)[0]
+        features = self.model.features(params, model_state, x)
+        return self.method.predict(memory, features, task_ids)
+
+    def _evaluate(self, params, model_state, memory, data: Batch, valid: jax.Array) -> jax.Array:
         """Number of correct predictions over padded eval batches.
 
         Args:
+          memory: the method's memory (read only by a `Method.predict` hook).
           data: arrays shaped (num_batches, batch, ...).
           valid: bool (num_batches, batch); False marks padding.
         """
@@ -257,7 +265,7 @@ class StepFns:
         def body(_, inputs):
             batch, ok = inputs
             batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
-            logits, _ = self.model.apply(params, model_state, batch.x, batch.task_ids, train=False)
+            logits = self.predict(params, model_state, memory, batch.x, batch.task_ids)
             correct = correct_predictions(logits, batch.y, self._mask_for(batch.task_ids))
             return None, jnp.sum(correct & ok)
 

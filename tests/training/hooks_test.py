@@ -105,3 +105,23 @@ def test_unknown_train_key_is_refused():
     c.train.epocs_per_task = 3
     with pytest.raises(ValueError, match="config.train.epocs_per_task.*epochs_per_task"):
         train_continual(c, scenario=tiny_scenario())
+
+
+def test_predict_hook_replaces_the_head_at_evaluation():
+    """A method whose memory holds class scores: evaluation must use them, not the head."""
+    scenario = tiny_scenario()
+    favourite = 1  # a class of the first task only
+
+    def predict(memory, features, task_ids):
+        assert features.ndim == 2  # penultimate features, (B, D)
+        return jnp.broadcast_to(memory["scores"], (features.shape[0], memory["scores"].size))
+
+    method = Method(
+        name="fixed_prediction",
+        init_memory=lambda params: {"scores": jax.nn.one_hot(favourite, 4)},
+        predict=predict,
+    )
+    result = train_continual(tiny_config(), scenario=scenario, method=method)
+    for i, task in enumerate(scenario.tasks):
+        expected = float(np.mean(task.y_test == favourite))
+        np.testing.assert_allclose(result.accuracy_matrix[-1, i], expected, atol=1e-6)
