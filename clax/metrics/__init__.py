@@ -3,6 +3,8 @@
 * :mod:`clax.metrics.continual`: ACC, BWT, FWT, forgetting and average incremental accuracy of
   the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training on task ``i``).
 * :mod:`clax.metrics.report`: ``metrics.json`` / CSV run directories and markdown tables.
+* :mod:`clax.metrics.unlearning`: forget/retain accuracies, a membership-inference attack and
+  the gap to a retrained reference, shared by every unlearning experiment.
 * :mod:`clax.metrics.plots`: PNG heatmaps, accuracy curves and comparison bar charts (Agg canvas,
   never pyplot; matplotlib is imported on the first plot).
 """
@@ -26,22 +28,32 @@ from clax.metrics.report import (
     results_table,
     write_run_results,
 )
+from clax.metrics.unlearning import (
+    UnlearningSplit,
+    membership_inference,
+    reference_gap,
+    unlearning_metrics,
+)
 
 __all__ = [
+    "UnlearningSplit",
     "average_accuracy",
     "average_forgetting",
     "average_incremental_accuracy",
     "backward_transfer",
     "forward_transfer",
     "markdown_table",
+    "membership_inference",
     "normalize_curves",
     "plot_accuracy_curves",
     "plot_accuracy_matrix",
     "plot_comparison",
     "pretrain_continual_summary",
     "read_run_results",
+    "reference_gap",
     "results_table",
     "summarize",
+    "unlearning_metrics",
     "validate_accuracy_matrix",
     "validate_baseline",
     "write_run_results",
