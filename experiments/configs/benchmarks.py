@@ -32,6 +32,15 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
             {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
             {"name": "permuted", "num_tasks": 5, "seed": 0},
         ),
+        # GPM's protocol (10 permuted tasks); shared by the projection and Fisher benchmarks.
+        "permuted_fmnist_10": (
+            {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
+            {"name": "permuted", "num_tasks": 10, "seed": 0},
+        ),
+        "task_split_fmnist": (
+            {"source": "idx", "root": FASHION_MNIST_DIR, "name": "fashion_mnist"},
+            {"name": "task_incremental", "classes_per_task": 2, "seed": 0},
+        ),
         # Pretrain-then-continual: task 0 = classes 0-4 (base), then {5,6}, {7,8}, {9}.
         "pretrain_digits": (
             {"source": "digits"},
