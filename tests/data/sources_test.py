@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clax import data
-from clax.data import sources
+from clax.data import sources, tfds_source
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -231,7 +231,7 @@ def test_tfds_finds_config_and_version_folders(tmp_path):
     for rel in ("ds/1.0.0", "ds/2.0.0", "ds/10.0.0", "cfgds/small/1.2.0"):
         (root / rel).mkdir(parents=True)
         (root / rel / "dataset_info.json").write_text("{}")
-    find = sources._find_prepared_tfds
+    find = tfds_source._find_prepared_tfds
     assert find("ds", root) == root / "ds/10.0.0"  # Highest version, compared as numbers.
     assert find("ds:2.0.0", root) == root / "ds/2.0.0"
     assert find("ds:3.0.0", root) is None
@@ -302,15 +302,15 @@ def test_tfds_mock_data_end_to_end(tmp_path, monkeypatch):
 
 def test_source_to_arrays_on_fake_source():
     records = [{"image": np.full((3, 2), i, np.uint8), "label": np.int64(i % 2)} for i in range(5)]
-    x, y = sources._source_to_arrays(records, "image", "label", what="fake", batch_size=2)
+    x, y = tfds_source._source_to_arrays(records, "image", "label", what="fake", batch_size=2)
     assert x.shape == (5, 3, 2, 1) and x.dtype == np.uint8  # (H, W) gets a channel axis.
     np.testing.assert_array_equal(x[:, 0, 0, 0], np.arange(5))
     np.testing.assert_array_equal(y, [0, 1, 0, 1, 0])
     with pytest.raises(ValueError, match="image_key='img'"):
-        sources._source_to_arrays(records, "img", "label", what="fake")
+        tfds_source._source_to_arrays(records, "img", "label", what="fake")
     records[3] = {"image": np.zeros((4, 2), np.uint8), "label": 0}
     with pytest.raises(ValueError, match="one shape"):
-        sources._source_to_arrays(records, "image", "label", what="fake")
+        tfds_source._source_to_arrays(records, "image", "label", what="fake")
 
 
 # --------------------------------------------------------------------------------------
