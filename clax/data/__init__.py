@@ -28,14 +28,27 @@ from clax.data.sources import (
     load_tfds,
     read_idx,
 )
+from clax.data.streams import (
+    BlurrySplit,
+    RecurringSplit,
+    as_online,
+    blurry_split,
+    recurring,
+    recurring_split,
+    si_blurry,
+)
 
 __all__ = [
     "KINDS",
     "SCENARIOS",
     "SOURCES",
+    "BlurrySplit",
     "Dataset",
+    "RecurringSplit",
     "Scenario",
     "Task",
+    "as_online",
+    "blurry_split",
     "class_incremental",
     "load_digits",
     "load_fashion_mnist",
@@ -46,7 +59,10 @@ __all__ = [
     "permuted",
     "pretrain_continual",
     "read_idx",
+    "recurring",
+    "recurring_split",
     "rotate_images",
     "rotated",
+    "si_blurry",
     "task_incremental",
 ]

@@ -76,6 +76,9 @@ class Scenario:
         tasks: the tasks, in training order.
         num_classes: the size of the model's output layer (labels are global).
         input_shape: the image shape (H, W, C).
+        online: an online stream: one pass over the data, task boundaries hidden from the
+            method (the loop trains one epoch per task and gives the method no task index
+            and no boundary hooks; see `clax.data.streams`).
     """
 
     name: str
@@ -83,10 +86,16 @@ class Scenario:
     tasks: tuple[Task, ...] = dataclasses.field(repr=False)
     num_classes: int
     input_shape: tuple[int, ...]
+    online: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.online and self.kind == "task_incremental":
+            raise ValueError(
+                f"scenario {self.name!r}: an online stream hides task boundaries from the "
+                "method, but a task_incremental scenario gives it task ids"
+            )
         if not self.tasks:
             raise ValueError(f"scenario {self.name!r} needs at least one task")
         for i, task in enumerate(self.tasks):
@@ -541,13 +550,17 @@ SCENARIOS: dict[str, Callable[..., Scenario]] = {
 }
 
 
-def make_scenario(name: str, dataset: Dataset, /, **kwargs: Any) -> Scenario:
+def make_scenario(
+    name: str, dataset: Dataset, /, *, online: bool = False, **kwargs: Any
+) -> Scenario:
     """Builds the scenario registered as ``name`` (see `SCENARIOS`) from ``dataset``.
 
     Args:
         name: one of ``class_incremental``, ``task_incremental``, ``permuted``, ``rotated``,
-            ``pretrain_continual``.
+            ``pretrain_continual``, ``si_blurry``, ``recurring`` (`clax.data.streams`).
         dataset: the data to split.
+        online: make it an online stream (``Scenario.online``; any scenario but
+            ``task_incremental``).
         **kwargs: that scenario factory's keyword arguments.
 
     Returns:
@@ -555,4 +568,7 @@ def make_scenario(name: str, dataset: Dataset, /, **kwargs: Any) -> Scenario:
     """
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; valid choices: {sorted(SCENARIOS)}")
-    return _call_checked(SCENARIOS[name], kwargs, f"scenario {name!r}", dataset=dataset)
+    if not isinstance(online, (bool, np.bool_)):
+        raise TypeError(f"online must be a bool, got {online!r}")
+    scenario = _call_checked(SCENARIOS[name], kwargs, f"scenario {name!r}", dataset=dataset)
+    return dataclasses.replace(scenario, online=True) if online else scenario

@@ -260,7 +260,7 @@ def test_rotated_argument_checks():
 
 def test_make_scenario_dispatch_and_names(digits):
     assert set(data.SCENARIOS) == {"class_incremental", "task_incremental", "permuted",
-                                   "rotated", "pretrain_continual"}
+                                   "rotated", "pretrain_continual", "si_blurry", "recurring"}
     s = data.make_scenario("task_incremental", digits, classes_per_task=5)
     assert s.name == "task_incremental/digits" and s.num_tasks == 2
     s = data.make_scenario("rotated", digits, num_tasks=2, max_train_per_task=5)
