@@ -3,7 +3,7 @@
 Plain SGD (no momentum) with lr 0.01 and batch 10, as GPM's ``main_pmnist.py``; 3 epochs per
 task instead of GPM's 5 to keep a CPU run short. Choose the methods on the command line:
 
-    python -m experiments.compare --config=experiments/configs/permuted_fmnist_protocol.py \
+    python -m experiments.run --config=experiments/configs/permuted_fmnist_protocol.py \
         --config.compare.methods=finetune,gpm,joint --workdir=/tmp/clax_pfmnist
 
 Needs Debian's ``dataset-fashion-mnist`` (IDX files in /usr/share/datasets/fashion-mnist).

@@ -3,7 +3,7 @@
 Replay, A-GEM, analytic (ACIL) and prototype (NCM) methods are compared on the same model,
 optimizer and data. Choose the methods on the command line:
 
-    python -m experiments.compare --config=experiments/configs/split_fmnist_cil.py \
+    python -m experiments.run --config=experiments/configs/split_fmnist_cil.py \
         --config.compare.methods=finetune,er,joint --workdir=/tmp/clax_split_fmnist
 
 Needs Debian's ``dataset-fashion-mnist`` (IDX files in /usr/share/datasets/fashion-mnist).
