@@ -1,0 +1,299 @@
+"""Gradient Projection Memory (GPM) as a registered method.
+
+Saha, Garg, Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021
+(https://arxiv.org/abs/2103.09762; code ``sahagobinda/GPM`` @1a238ec). The pieces:
+
+* memory: one fixed-capacity :class:`~clax.subspace.SubspaceBasis` per projected kernel
+  (:func:`gpm_memory`), capacity = the kernel's fan-in;
+* every step: :func:`clax.transforms.subspace_projection` removes the gradient's component
+  in each basis span and (after the first task) zeroes the 1-D parameters;
+* every task end: :func:`gpm_consolidate` collects representation matrices on a sample of
+  the task's training data (:func:`clax.subspace.collect_representations`) and grows the
+  bases with GPM's energy rule (:func:`clax.subspace.grow_basis`).
+
+Coverage: ``mlp`` and ``cnn`` (every Dense and Conv kernel, the single head included as in
+GPM's Permuted-MNIST MLP; multi-head heads are never projected). ``resnet18``: convs
+(shortcuts included) and the head are projected and BatchNorm scales/offsets frozen after
+the first task, but BatchNorm *running statistics* keep moving (GPM uses batch statistics
+at test time, ``track_running_stats=False``), so old tasks can still drift. ``vit``: the
+patch conv and every Linear are projected and LayerNorms frozen, but ``cls_token`` and
+``pos_embed`` are neither projected nor frozen. Both run; only mlp/cnn reproduce GPM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clax.models.capture import capture_layer_inputs
+from clax.params.paths import path_str, plain_path
+from clax.subspace.basis import SubspaceBasis, check_threshold, empty_basis, grow_basis
+from clax.subspace.representations import DEFAULT_MAX_COLUMNS, collect_representations
+from clax.training.method import BoundaryContext, Method, TrainState, register_method
+from clax.transforms.projection import bases_by_path, one_dimensional, subspace_projection
+
+PyTree = Any
+Path = tuple[Any, ...]
+
+
+def _projected_fan_in(path: Path, leaf: Any) -> int | None:
+    """Fan-in of a Dense ``(in, out)`` or conv ``(kh, kw, in, out)`` kernel, else None.
+
+    Multi-head kernels ``(T, D, C)`` (3-D) are task heads: GPM never projects them.
+    """
+    if not path or path[-1] != "kernel":
+        return None
+    shape = np.shape(leaf)
+    if len(shape) == 2:
+        return int(shape[0])
+    if len(shape) == 4:
+        return int(math.prod(shape[:3]))
+    return None
+
+
+def gpm_memory(params: PyTree, dtype: Any = jnp.float32) -> PyTree:
+    """Empty bases for every projected kernel, as a partial mirror of ``params``.
+
+    Args:
+        params: The parameter dict (leaves may be arrays or ``ShapeDtypeStruct``).
+        dtype: Dtype of the basis vectors.
+
+    Returns:
+        Nested dicts with the params' keys, holding a rank-0 :class:`SubspaceBasis` of
+        capacity ``n_in`` at each Dense / conv kernel (and nothing else).
+    """
+
+    def build(tree: Any, prefix: Path) -> Any:
+        if isinstance(tree, dict):
+            out = {}
+            for k, v in tree.items():
+                sub = build(v, prefix + (k,))
+                if sub is not None:
+                    out[k] = sub
+            return out or None
+        n = _projected_fan_in(prefix, tree)
+        return None if n is None else empty_basis(n, dtype=dtype)
+
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a nested dict (nnx.to_pure_dict), got {type(params)}")
+    return build(params, ()) or {}
+
+
+def forward_order(model_fns: Any, params: PyTree, model_state: PyTree, x: jax.Array,
+                  task_ids: jax.Array | None) -> list[str]:
+    """Kernel paths (``"layers/0/kernel"``) in the order the forward pass reaches them.
+
+    Traced abstractly (``jax.eval_shape``): no computation.
+    """
+    order: list[str] = []
+
+    def trace(p, s, xb, tb):
+        model = nnx.merge(model_fns.graphdef_eval, p, s)
+        _, inputs = capture_layer_inputs(model, xb, tb)  # insertion order = call order
+        order.extend(path_str(tuple(k) + ("kernel",)) for k in inputs)
+        return jnp.zeros(())
+
+    jax.eval_shape(trace, params, model_state, x, task_ids)
+    return order
+
+
+def layer_thresholds_by_path(
+    paths_in_order: Sequence[str], threshold: float, layer_thresholds: Sequence[float],
+    increment: float, task_index: int,
+) -> dict[str, float]:
+    """``ε_l(t) = (layer_thresholds[l] or threshold) + increment · t`` per kernel path."""
+    if layer_thresholds and len(layer_thresholds) != len(paths_in_order):
+        raise ValueError(
+            f"layer_thresholds has {len(layer_thresholds)} values but the model has "
+            f"{len(paths_in_order)} projected kernels (in forward order: "
+            f"{', '.join(paths_in_order)})"
+        )
+    base = list(layer_thresholds) if layer_thresholds else [threshold] * len(paths_in_order)
+    out = {}
+    for path, eps in zip(paths_in_order, base, strict=True):
+        value = float(eps) + increment * task_index
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"threshold for {path!r} at task {task_index} is {eps} + {increment}*"
+                f"{task_index} = {value}, outside (0, 1); lower threshold_increment"
+            )
+        out[path] = value
+    return out
+
+
+def _host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded by a JAX key (host-side sampling needs no compilation)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+
+
+def _sample(train: Any, num_samples: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``num_samples`` distinct random training examples (all if the task is smaller)."""
+    n = len(train.y)
+    take = min(num_samples, n)
+    idx = np.sort(_host_rng(key).choice(n, take, replace=False))
+    return np.asarray(train.x[idx]), np.asarray(train.task_ids[idx], np.int32)
+
+
+def gpm_consolidate(
+    state: TrainState,
+    ctx: BoundaryContext,
+    *,
+    threshold: float = 0.97,
+    layer_thresholds: Sequence[float] = (),
+    threshold_increment: float = 0.0,
+    num_samples: int = 300,
+    max_columns: int | None = DEFAULT_MAX_COLUMNS,
+) -> TrainState:
+    """GPM's task-end update: representations on a task sample, then grow every basis.
+
+    ``num_samples`` random training examples of the task are passed through the model in
+    evaluation mode; each projected kernel gets its representation matrix (Dense: one
+    column per example; conv: one per patch, at most ``max_columns``) and its basis grows
+    by :func:`~clax.subspace.grow_basis` with the layer's threshold, using the first-task
+    rule at task 0 and the incremental rule after (as GPM's ``update_GPM``).
+
+    Args:
+        state: The train state (``memory`` as built by :func:`gpm_memory`).
+        ctx: The boundary context (``train``, ``model``, ``rng``, ``task_index``).
+        threshold: Default ``ε`` for every layer.
+        layer_thresholds: Per-kernel ``ε`` in forward order (overrides ``threshold``).
+        threshold_increment: Added per task: ``ε + increment · t`` (GPM's AlexNet uses
+            ``0.97 + 0.003 t``).
+        num_samples: Examples of the task used for the representations.
+        max_columns: Cap on the columns of each representation matrix.
+
+    Returns:
+        The state with grown bases (same shapes and dtypes).
+    """
+    memory = state.memory
+    by_path = bases_by_path(memory)
+    if not by_path:
+        return state
+    k_sample, k_cols = jax.random.split(ctx.rng)
+    x, task_ids = _sample(ctx.train, num_samples, k_sample)
+    order = [p for p in forward_order(ctx.model, state.params, state.model_state, x[:1],
+                                      task_ids[:1]) if p in by_path]
+    order += sorted(set(by_path) - set(order))  # kernels the forward pass did not reach
+    eps = layer_thresholds_by_path(order, threshold, layer_thresholds, threshold_increment,
+                                   ctx.task_index)
+    reps = collect_representations(
+        ctx.model, state.params, state.model_state, x, task_ids,
+        max_columns=max_columns, key=k_cols, include_multi_head=False,
+    )
+    reps = {path_str(k): v for k, v in reps.items()}
+    first = ctx.task_index == 0
+
+    def grow(path, basis):
+        name = path_str(plain_path(path))
+        if name not in reps:  # a layer the forward pass skipped: nothing to protect
+            return basis
+        return grow_basis(basis, reps[name], eps[name], first=first)
+
+    new_memory = jax.tree_util.tree_map_with_path(
+        grow, memory, is_leaf=lambda x: isinstance(x, SubspaceBasis))
+    return state._replace(memory=new_memory)
+
+
+def _check_unit(name: str, value: Any) -> float:
+    check_threshold(value, name)
+    return float(value)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+@register_method("gpm")
+def gpm(
+    *,
+    threshold: float = 0.97,
+    layer_thresholds: tuple = (),
+    threshold_increment: float = 0.0,
+    num_samples: int = 300,
+    max_columns: int = DEFAULT_MAX_COLUMNS,
+    freeze_1d_after_first_task: bool = True,
+    project: str = "gradient",
+    rank_buckets: int = 4,
+) -> Method:
+    """Gradient Projection Memory (Saha, Garg, Roy, ICLR 2021).
+
+    After task ``t`` each layer ``l`` keeps an orthonormal basis ``M_l`` of the input
+    directions that carry at least a fraction ``ε_l`` of the energy of its inputs on the
+    tasks seen so far (:func:`clax.subspace.grow_basis`). Later gradients are projected
+    onto the orthogonal complement, ``G_l ← (I − M_l M_lᵀ) G_l``, so the layer's outputs
+    on old inputs do not move (to the extent the basis captures them). 1-D parameters
+    (biases, normalisation) are frozen from the second task on, as GPM zeroes them; task
+    heads of a multi-head model train freely.
+
+    Defaults follow GPM's code: 300 samples (Permuted MNIST); thresholds there are
+    ``layer_thresholds=(0.95, 0.99, 0.99)`` for the MLP 784-100-100-10, and
+    ``threshold=0.97, threshold_increment=0.003`` for AlexNet on CIFAR-100. GPM trains with
+    plain SGD, where projecting the gradient (``project="gradient"``) also makes the
+    update orthogonal; with momentum/Adam use ``project="update"`` (the projection runs
+    after the optimizer) for an orthogonal update.
+
+    Args:
+        threshold: ``ε`` for every projected kernel, in ``(0, 1)``.
+        layer_thresholds: Per-kernel ``ε`` in forward order (e.g. ``(0.95, 0.99, 0.99)``);
+            empty: ``threshold`` everywhere.
+        threshold_increment: ``ε_l(t) = ε_l + increment · t`` (``>= 0``).
+        num_samples: Training examples of each task for the representations.
+        max_columns: Cap on the columns of a representation matrix (conv patches).
+        freeze_1d_after_first_task: Zero the updates of 1-D parameters once a basis exists.
+        project: ``"gradient"`` (before the optimizer, as GPM) or ``"update"`` (after it).
+        rank_buckets: Cost buckets of :func:`clax.transforms.subspace_projection`.
+
+    Returns:
+        The method.
+
+    Raises:
+        ValueError: On a hyperparameter outside its range.
+    """
+    threshold = _check_unit("threshold", threshold)
+    if not isinstance(layer_thresholds, (tuple, list)):
+        raise ValueError(f"layer_thresholds must be a tuple of floats, got {layer_thresholds!r}")
+    layer_thresholds = tuple(
+        _check_unit(f"layer_thresholds[{i}]", v) for i, v in enumerate(layer_thresholds))
+    if (isinstance(threshold_increment, bool)
+            or not isinstance(threshold_increment, (int, float))
+            or not 0 <= threshold_increment < 1):
+        raise ValueError(f"threshold_increment must be in [0, 1), got {threshold_increment!r}")
+    num_samples = _check_positive_int("num_samples", num_samples)
+    max_columns = _check_positive_int("max_columns", max_columns)
+    if not isinstance(freeze_1d_after_first_task, bool):
+        raise ValueError(
+            f"freeze_1d_after_first_task must be a bool, got {freeze_1d_after_first_task!r}")
+    if project not in ("gradient", "update"):
+        raise ValueError(f"project must be 'gradient' or 'update', got {project!r}")
+    rank_buckets = _check_positive_int("rank_buckets", rank_buckets)
+
+    tx = subspace_projection(
+        freeze_mask=one_dimensional if freeze_1d_after_first_task else None,
+        rank_buckets=rank_buckets,
+    )
+
+    def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
+        return gpm_consolidate(
+            state, ctx, threshold=threshold, layer_thresholds=layer_thresholds,
+            threshold_increment=float(threshold_increment), num_samples=num_samples,
+            max_columns=max_columns,
+        )
+
+    return Method(
+        name="gpm",
+        transform=tx if project == "gradient" else None,
+        post_transform=tx if project == "update" else None,
+        init_memory=gpm_memory,
+        extra_args=lambda ctx: {"bases": ctx.memory},
+        consolidate=consolidate,
+    )

@@ -1,0 +1,148 @@
+"""Tests for clax.transforms.projection (GPM's gradient projection as an optax transform)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clax.subspace import SubspaceBasis, empty_basis
+from clax.transforms import one_dimensional, subspace_projection
+
+ATOL = 1e-5
+
+
+def random_basis(seed, n, capacity, rank):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, capacity)))
+    vectors = np.where(np.arange(capacity)[None, :] < rank, q, 0.0).astype(np.float32)
+    return SubspaceBasis(jnp.asarray(vectors), jnp.asarray(rank, jnp.int32))
+
+
+def tree(seed):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+    return {
+        "dense": {"kernel": normal(6, 3), "bias": normal(3)},
+        "conv": {"kernel": normal(2, 2, 3, 4)},  # n = 2*2*3 = 12
+        "head": {"kernel": normal(2, 3, 5), "bias": jnp.ones((2, 5))},
+    }
+
+
+def reference(g, basis):
+    """Numpy ``G − V Vᵀ G`` on the (n, -1) view."""
+    v = np.asarray(basis.vectors, np.float64)
+    flat = np.asarray(g, np.float64).reshape(v.shape[0], -1)
+    return (flat - v @ (v.T @ flat)).reshape(g.shape)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    grads = tree(0)
+    bases = {"dense": {"kernel": random_basis(1, 6, 6, 2)},
+             "conv": {"kernel": random_basis(2, 12, 8, 5)}}
+    return grads, bases
+
+
+def test_projects_kernels_and_passes_other_leaves(setup):
+    grads, bases = setup
+    tx = subspace_projection()
+    out, _ = jax.jit(lambda g, b: tx.update(g, tx.init(g), bases=b))(grads, bases)
+    for name in ("dense", "conv"):
+        basis = bases[name]["kernel"]
+        np.testing.assert_allclose(out[name]["kernel"], reference(grads[name]["kernel"], basis),
+                                   atol=ATOL)
+        flat = np.asarray(out[name]["kernel"]).reshape(basis.vectors.shape[0], -1)
+        assert np.abs(np.asarray(basis.vectors).T @ flat).max() < ATOL  # orthogonal
+    for path in (("dense", "bias"), ("head", "kernel"), ("head", "bias")):
+        np.testing.assert_array_equal(out[path[0]][path[1]], grads[path[0]][path[1]])
+    # Applying it again changes nothing: already orthogonal gradients pass unchanged.
+    again, _ = tx.update(out, tx.init(out), bases=bases)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL), again, out)
+
+
+@pytest.mark.parametrize("rank_buckets", [1, 3])
+def test_rank_buckets_agree_and_rank_changes_do_not_retrace(rank_buckets):
+    g = {"w": jnp.asarray(np.random.default_rng(3).normal(size=(10, 4)), jnp.float32)}
+    tx = subspace_projection(rank_buckets=rank_buckets)
+    traces = []
+
+    @jax.jit
+    def project(g, basis):
+        traces.append(1)
+        return tx.update(g, tx.init(g), bases={"w": basis})[0]["w"]
+
+    for rank in (0, 1, 4, 7, 10):
+        basis = random_basis(4, 10, 10, rank)
+        np.testing.assert_allclose(project(g, basis), reference(g["w"], basis), atol=ATOL)
+    assert len(traces) == 1
+
+
+def test_flat_bases_keys_match_nested(setup):
+    grads, bases = setup
+    tx = subspace_projection()
+    nested, _ = tx.update(grads, tx.init(grads), bases=bases)
+    flat_str = {"dense/kernel": bases["dense"]["kernel"], "conv/kernel": bases["conv"]["kernel"]}
+    flat_tuple = {("dense", "kernel"): bases["dense"]["kernel"],
+                  ("conv", "kernel"): bases["conv"]["kernel"]}
+    for flat in (flat_str, flat_tuple):
+        out, _ = tx.update(grads, tx.init(grads), bases=flat)
+        jax.tree.map(np.testing.assert_array_equal, out, nested)
+
+
+def test_chains_with_sgd_and_update_placement_with_adam(setup):
+    grads, bases = setup
+    basis = bases["conv"]["kernel"]
+    v = np.asarray(basis.vectors)
+
+    def off_span(update):  # largest component of the conv update inside the span
+        return np.abs(v.T @ np.asarray(update["conv"]["kernel"]).reshape(12, -1)).max()
+
+    sgd = optax.chain(subspace_projection(), optax.sgd(0.5))
+    upd, _ = jax.jit(sgd.update)(grads, sgd.init(grads), grads, bases=bases)
+    np.testing.assert_allclose(upd["conv"]["kernel"],
+                               -0.5 * reference(grads["conv"]["kernel"], basis), atol=ATOL)
+    # Adam after the projection rescales coordinates: the update leaves the complement.
+    pre = optax.chain(subspace_projection(), optax.adam(0.1))
+    upd, _ = jax.jit(pre.update)(grads, pre.init(grads), grads, bases=bases)
+    assert off_span(upd) > 1e-3
+    # Projecting the final update instead keeps it exactly orthogonal.
+    post = optax.chain(optax.adam(0.1), subspace_projection())
+    state, update = post.init(grads), jax.jit(post.update)
+    for _ in range(2):
+        upd, state = update(grads, state, grads, bases=bases)
+        assert off_span(upd) < ATOL
+
+
+def test_freeze_mask_follows_ranks_or_explicit_flag(setup):
+    grads, bases = setup
+    tx = subspace_projection(freeze_mask=one_dimensional)
+    out, _ = tx.update(grads, tx.init(grads), grads, bases=bases)  # ranks > 0: frozen
+    np.testing.assert_array_equal(out["dense"]["bias"], 0.0)
+    np.testing.assert_array_equal(out["head"]["bias"], grads["head"]["bias"])  # (T, C): 2-D
+    empty = {"dense": {"kernel": empty_basis(6)}}  # before the first task's bases
+    out, _ = tx.update(grads, tx.init(grads), grads, bases=empty)
+    np.testing.assert_array_equal(out["dense"]["bias"], grads["dense"]["bias"])
+    out, _ = tx.update(grads, tx.init(grads), grads, bases=bases, freeze=False)
+    np.testing.assert_array_equal(out["dense"]["bias"], grads["dense"]["bias"])
+    out = jax.jit(lambda f: tx.update(grads, tx.init(grads), grads, bases=empty,
+                                      freeze=f)[0])(True)
+    np.testing.assert_array_equal(out["dense"]["bias"], 0.0)
+
+
+def test_bad_input_errors(setup):
+    grads, _ = setup
+    tx = subspace_projection()
+    with pytest.raises(ValueError, match="needs the bases as a keyword extra arg"):
+        tx.update(grads, tx.init(grads))
+    wrong = {"conv": {"kernel": empty_basis(10)}}
+    with pytest.raises(ValueError, match=r"'conv/kernel'.*\(10, 10\).*\(2, 2, 3, 4\)"):
+        tx.update(grads, tx.init(grads), bases=wrong)
+    with pytest.raises(ValueError, match="basis for 'nope/kernel', which is not a leaf"):
+        tx.update(grads, tx.init(grads), bases={"nope/kernel": empty_basis(6)})
+    with pytest.raises(TypeError, match=r"bases\['dense/kernel'\] must be a SubspaceBasis"):
+        tx.update(grads, tx.init(grads), bases={"dense": {"kernel": jnp.zeros((6, 6))}})
+    with pytest.raises(ValueError, match="rank_buckets must be a positive int"):
+        subspace_projection(rank_buckets=0)
