@@ -1,0 +1,319 @@
+"""Closed-form heads on a first-task backbone: ``acil``, ``ncm`` and ``lda``.
+
+All three follow the protocol of ACIL, SimpleCIL and FSA: the backbone is trained with
+gradients on the first task only, then frozen; the classifier lives in the method's
+memory, is updated in closed form at each task end from the features of that task's
+training data, and replaces the model's head at evaluation (``Method.predict``).
+
+* **Freezing.** A ``post_transform`` (:func:`freeze_after`) zeroes the optimizer's final
+  updates once ``task_index >= 1`` (the loop passes ``task_index`` as an extra arg from
+  ``StepContext.task_index``). It sits after the base optimizer so momentum, Adam moments
+  and weight decay cannot move frozen weights either. Later tasks still run their training
+  steps (the loop has no way to skip them), which change nothing but the optimizer state.
+  Running statistics (BatchNorm) are not parameters: models with BatchNorm keep updating
+  them in later tasks' train-mode forward passes, and a warning says so.
+* **Consolidation.** At the end of task ``t`` the features of ``ctx.train`` (evaluation
+  mode, ``BoundaryContext.model.features``) are computed in jitted batches of 1024 and
+  folded into the head: :func:`clax.analytic.rls.learn` (ACIL; at ``t = 0`` this is ACIL's
+  "re-alignment" of the base session) or :func:`clax.analytic.prototypes.update_stats`
+  (NCM, LDA). The computation runs on one device of the mesh (the memory is replicated:
+  every device would otherwise redo it), so 1 and 8 devices give identical heads.
+* **Fixed shapes.** The capacity is the model's ``num_classes`` (``head/kernel`` is
+  ``(D, C)``) and the feature dimension ``D`` comes from it; classes without examples have
+  logit ``-1e9``. Multi-head models are rejected at init.
+
+The heads are computed in float32 (the loop's dtype). ACIL computes in float64: with
+ACIL's ``γ = 0.1`` and a 2048-wide buffer, float32 recursive least squares is only
+approximately ridge regression (relative weight error 0.18 on Fashion-MNIST pixel
+features, ``benchmarks/results/analytic_unlearning_float32.md``; 1e-3 with ``γ = 10``),
+although its accuracy stays close. For exact learning and unlearning use
+:mod:`clax.analytic.rls` directly with ``dtype=jnp.float64`` (1e-10 relative there).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clax.analytic import prototypes as protos
+from clax.analytic import rls
+from clax.training.method import BoundaryContext, Method, TrainState, register_method
+
+PyTree = Any
+
+__all__ = ["acil", "freeze_after", "lda", "ncm"]
+
+_FEATURE_BATCH = 1024
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def freeze_after(num_tasks: int = 1) -> optax.GradientTransformationExtraArgs:
+    """Passes updates through during tasks ``< num_tasks`` and zeroes them afterwards.
+
+    Needs the extra arg ``task_index`` (int32 scalar, may be traced) in every
+    ``update`` call; chain it *after* the base optimizer so that no optimizer state
+    (momentum, weight decay) can move the frozen parameters.
+
+    Args:
+      num_tasks: number of leading tasks trained with gradients (a positive int).
+
+    Raises:
+      ValueError: if ``num_tasks`` is not a positive int.
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, task_index, **extra_args):
+        del params, extra_args
+        train = jnp.asarray(task_index) < num_tasks
+        return jax.tree.map(lambda u: jnp.where(train, u, jnp.zeros_like(u)), updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _task_index_arg(ctx) -> dict[str, jax.Array]:
+    return {"task_index": ctx.task_index}
+
+
+def _head_shape(params: PyTree, method: str) -> tuple[int, int]:
+    kernel = params.get("head", {}).get("kernel") if isinstance(params, dict) else None
+    if kernel is None or np.ndim(kernel) != 2:
+        shape = None if kernel is None else np.shape(kernel)
+        raise ValueError(
+            f"{method} needs a single linear head with params['head']['kernel'] of shape "
+            f"(D, C) (D features, C classes); got {shape}. Multi-head models are not "
+            "supported: the closed-form head replaces the whole head"
+        )
+    d, c = np.shape(kernel)
+    return int(d), int(c)
+
+
+def _check_real(name: str, value: Any, low: float, *, low_open: bool, high: float = math.inf,
+                high_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class _Absorber:
+    """Jitted ``(memory, params, model_state, x, y, mask) -> memory`` per model, cached."""
+
+    def __init__(self, update):
+        self._update = update
+        self._cache: dict[Any, Any] = {}
+
+    def __call__(self, state: TrainState, ctx: BoundaryContext, memory: PyTree) -> PyTree:
+        if jax.tree.leaves(state.model_state) and ctx.task_index > 0:
+            warnings.warn(
+                "the backbone is frozen after the first task, but this model has running "
+                "statistics (e.g. BatchNorm) that later tasks' training steps still update; "
+                "the closed-form head then sees drifting features", stacklevel=3)
+        fn = self._cache.get(ctx.model)
+        if fn is None:
+            model, update = ctx.model, self._update
+
+            def absorb(memory, params, model_state, x, y, mask):
+                return update(memory, model.features(params, model_state, x), y, mask)
+
+            fn = self._cache[ctx.model] = jax.jit(absorb)
+        device = ctx.steps.mesh.devices.flat[0]
+        on_one = jax.device_put((memory, state.params, state.model_state), device)
+        memory, params, model_state = on_one
+        x, y = np.asarray(ctx.train.x), np.asarray(ctx.train.y, np.int32)
+        b = _FEATURE_BATCH
+        for i in range(0, len(y), b):
+            xb, yb = x[i:i + b], y[i:i + b]
+            mask = np.zeros(b, bool)
+            mask[:len(yb)] = True
+            if len(yb) < b:  # pad: one compiled shape for every batch
+                xb = np.concatenate([xb, np.zeros((b - len(yb), *xb.shape[1:]), xb.dtype)])
+                yb = np.concatenate([yb, np.zeros(b - len(yb), np.int32)])
+            put = jax.device_put((xb, yb, mask), device)
+            memory = fn(memory, params, model_state, *put)
+        # Wait here: dispatch is asynchronous, and the loop times its consolidate call.
+        return ctx.steps.replicate(jax.block_until_ready(memory))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@register_method("acil")
+def acil(*, gamma: float = 0.1, buffer_size: int = 2048, buffer_seed: int = 0) -> Method:
+    """ACIL / G-ACIL: recursive least squares on a first-task backbone (Zhuang et al.).
+
+    The backbone is trained on task 0 with the base optimizer and frozen (see the module
+    docstring). The classifier is ridge regression on ``ReLU(f(x) · P)``, ``P`` ACIL's
+    frozen random buffer layer (``U(±1/√D)``, ``D`` the backbone's feature size), kept
+    exactly by recursive least squares (:mod:`clax.analytic.rls`):
+    ``W = (XᵀX + γI)⁻¹ XᵀY`` over every task's training data seen so far, whatever classes
+    each task holds (G-ACIL: classes may recur or mix). Logits ``ReLU(f(x)·P) · W`` replace
+    the model head at evaluation.
+
+    Memory: the :class:`~clax.analytic.rls.RLSState` (``W (d, C)``, ``R (d, d)``, class
+    counts, ``P (D, d)``), ``d = buffer_size``.
+
+    Args:
+      gamma: ridge ``γ > 0`` (ACIL's command-line default 0.1).
+      buffer_size: width ``d`` of the random ReLU buffer layer (ACIL: 8192 on CIFAR-100;
+        smaller here, since ``R`` is ``d × d`` and each update costs ``O(n d²)``); ``0``
+        regresses on the backbone features directly.
+      buffer_seed: seed of the buffer layer.
+
+    Returns:
+      The method.
+
+    Raises:
+      ValueError: on a hyperparameter out of range; at init, on a model without a single
+        ``(D, C)`` linear head.
+    """
+    gamma = _check_real("gamma", gamma, 0.0, low_open=True)
+    buffer_size = _check_int("buffer_size", buffer_size, 0)
+    buffer_seed = _check_int("buffer_seed", buffer_seed, 0)
+
+    def init_memory(params: PyTree) -> rls.RLSState:
+        d, c = _head_shape(params, "acil")
+        if buffer_size == 0:
+            return rls.init(d, c, gamma=gamma)
+        return rls.init(d, c, gamma=gamma, buffer_size=buffer_size,
+                        key=jax.random.key(buffer_seed))
+
+    absorber = _Absorber(lambda m, f, y, mask: rls.learn(m, f, y, mask=mask))
+
+    def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
+        return state._replace(memory=absorber(state, ctx, state.memory))
+
+    def predict(memory: rls.RLSState, features: jax.Array, task_ids: jax.Array) -> jax.Array:
+        del task_ids
+        return rls.predict(memory, features)
+
+    return Method(name="acil", post_transform=freeze_after(1), extra_args=_task_index_arg,
+                  init_memory=init_memory, consolidate=consolidate, predict=predict)
+
+
+@register_method("ncm")
+def ncm(*, teen_alpha: float = 0.0, teen_tau: float = protos.TEEN_TAU) -> Method:
+    """Nearest class mean by cosine similarity (SimpleCIL), optionally TEEN-calibrated.
+
+    The backbone is trained on task 0 and frozen (module docstring). Class ``c``'s
+    prototype is the mean of its (un-normalised) features; the logit is ``cos(f(x), μ_c)``
+    (SimpleCIL's ``CosineLinear`` with ``σ = 1``). The means come from exact streaming
+    statistics (:class:`~clax.analytic.prototypes.PrototypeStats`) updated at each task
+    end, so a class seen again later has its mean over all its examples.
+
+    TEEN (``teen_alpha > 0``): classes seen after task 0 ("new") get calibrated
+    prototypes ``(1 − α) p̂_n + α Δ``, ``Δ`` the normalised softmax(``τ`` cos)-weighted
+    mean of the normalised base-class (task 0) prototypes
+    (:func:`~clax.analytic.prototypes.teen_calibrate`).
+
+    Memory: ``{"stats": PrototypeStats, "base": (C,) bool}`` (the classes of task 0).
+
+    Args:
+      teen_alpha: TEEN's shift weight ``α`` in ``[0, 1]``; 0 (default) is plain
+        SimpleCIL / NCM. TEEN uses 0.5 (its default; miniImageNet, CUB) or 0.1 (CIFAR-100).
+      teen_tau: TEEN's softmax temperature ``τ > 0`` (16).
+
+    Returns:
+      The method.
+    """
+    alpha = _check_real("teen_alpha", teen_alpha, 0.0, low_open=False, high=1.0,
+                        high_open=False)
+    tau = _check_real("teen_tau", teen_tau, 0.0, low_open=True)
+
+    def init_memory(params: PyTree) -> dict[str, Any]:
+        d, c = _head_shape(params, "ncm")
+        return {"stats": protos.init_stats(c, d), "base": jnp.zeros((c,), bool)}
+
+    absorber = _Absorber(
+        lambda m, f, y, mask: {**m, "stats": protos.update_stats(m["stats"], f, y, mask=mask)})
+
+    def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
+        memory = absorber(state, ctx, state.memory)
+        if ctx.task_index == 0:
+            memory = {**memory, "base": memory["stats"].counts > 0}
+        return state._replace(memory=memory)
+
+    def predict(memory, features: jax.Array, task_ids: jax.Array) -> jax.Array:
+        del task_ids
+        stats, base = memory["stats"], memory["base"]
+        seen = stats.counts > 0
+        prototypes = protos.class_means(stats)
+        if alpha > 0:
+            prototypes = protos.teen_calibrate(prototypes, base, seen & ~base, alpha=alpha,
+                                               tau=tau)
+        return protos.cosine_logits(prototypes, seen, features)
+
+    return Method(name="ncm", post_transform=freeze_after(1), extra_args=_task_index_arg,
+                  init_memory=init_memory, consolidate=consolidate, predict=predict)
+
+
+@register_method("lda")
+def lda(*, shrinkage: float = protos.LDA_SHRINKAGE) -> Method:
+    """FSA's LDA head on a first-task backbone (Panos et al., ICCV 2023).
+
+    The backbone is trained on task 0 and frozen (module docstring; FSA adapts the body in
+    the first session only). At each task end the exact streaming statistics are updated
+    and the head is recomputed from them:
+    ``Σ = cov(all seen features, unbiased) + shrinkage·I`` (the *total* covariance),
+    ``W = Σ⁻¹ M``, ``b_c = μ_cᵀ Σ⁻¹ μ_c``, logits ``f(x)ᵀ W − b/2`` (equal priors).
+
+    Memory: ``{"stats": PrototypeStats, "weights": (D, C), "bias": (C,)}``; the head is
+    stored so evaluation does not refactor ``Σ`` for every batch.
+
+    Args:
+      shrinkage: ridge added to the covariance, ``> 0`` (FSA: 1.0).
+
+    Returns:
+      The method.
+    """
+    shrinkage = _check_real("shrinkage", shrinkage, 0.0, low_open=True)
+
+    def init_memory(params: PyTree) -> dict[str, Any]:
+        d, c = _head_shape(params, "lda")
+        return {"stats": protos.init_stats(c, d), "weights": jnp.zeros((d, c), jnp.float32),
+                "bias": jnp.zeros((c,), jnp.float32)}
+
+    def update(memory, features, labels, mask):
+        stats = protos.update_stats(memory["stats"], features, labels, mask=mask)
+        return {**memory, "stats": stats}
+
+    absorber = _Absorber(update)
+
+    @jax.jit
+    def head(stats):
+        return protos.lda_head(stats, shrinkage=shrinkage)
+
+    def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
+        memory = absorber(state, ctx, state.memory)
+        w, b = jax.block_until_ready(head(memory["stats"]))
+        return state._replace(memory={**memory, "weights": w, "bias": b})
+
+    def predict(memory, features: jax.Array, task_ids: jax.Array) -> jax.Array:
+        del task_ids
+        logits = jnp.matmul(features.astype(memory["weights"].dtype), memory["weights"],
+                            precision=jax.lax.Precision.HIGHEST) - 0.5 * memory["bias"]
+        return jnp.where(memory["stats"].counts > 0, logits, protos.UNSEEN_LOGIT)
+
+    return Method(name="lda", post_transform=freeze_after(1), extra_args=_task_index_arg,
+                  init_memory=init_memory, consolidate=consolidate, predict=predict)
