@@ -6,10 +6,32 @@ optimizer and any Flax model. Subpackages:
 - `clax.data`: data sources (digits, IDX files, tfds) and continual scenarios.
 - `clax.models`: NNX models (MLP, CNN, reduced ResNet-18, tiny ViT) and layer-input capture.
 - `clax.training`: the `Method` contract, jitted steps, the continual task loop.
-- `clax.metrics`: accuracy-matrix metrics (ACC, BWT, FWT, forgetting), reports, plots.
+- `clax.metrics`: accuracy-matrix metrics (ACC, BWT, FWT, forgetting), stability-gap and
+  unlearning metrics, reports, plots.
+- `clax.transforms`: optax transforms (subspace projection, CoSO, GU, EWC, A-GEM, EMA).
+- `clax.subspace`: fixed-capacity bases (GPM's energy rule), representations, FD sketches.
+- `clax.fisher`: diagonal Fisher estimators. `clax.replay`: device-resident buffers.
+- `clax.analytic`: closed-form (RLS) learners with exact unlearning, prototype heads.
+- `clax.edits`: one-shot weight edits (averaging, LiNeS, SSD). `clax.params`: paths, masks.
+- `clax.methods`: the registered `Method`s (build them with `make_method(name)`).
 """
 
-from clax import data, metrics, models, training
+# `clax.training` first: importing it registers every method (clax.methods), whose modules
+# import the rest of the package in an order free of cycles.
+from clax import training  # noqa: I001
+from clax import (
+    analytic,
+    data,
+    edits,
+    fisher,
+    metrics,
+    models,
+    params,
+    replay,
+    subspace,
+    transforms,
+    unlearning,
+)
 from clax.data import Scenario, Task, load_source, make_scenario
 from clax.edits import (
     average,
@@ -17,12 +39,23 @@ from clax.edits import (
     interpolate,
     lines_merge,
     lines_scale,
+    ssd_dampen,
     weight_averaging,
 )
+from clax.fisher import diagonal_fisher
 from clax.methods import adaptive_ema, ema, lines, slow_learner
 from clax.methods import weight_averaging as weight_averaging_method
 from clax.models import capture_layer_inputs, make_model
-from clax.params import block_depths, head_backbone_labels, label_params
+from clax.params import (
+    block_depths,
+    fisher_importance_mask,
+    half_fine_tuning_mask,
+    head_backbone_labels,
+    kappatune_mask,
+    label_params,
+    train_only,
+)
+from clax.subspace import SubspaceBasis, empty_basis, grow_basis, project_out
 from clax.training import (
     Method,
     TrainState,
@@ -32,27 +65,53 @@ from clax.training import (
     registered_methods,
     train_continual,
 )
-from clax.transforms import ema_balancing, ema_params
+from clax.unlearning import gradient_ascent_loss, npo_loss
+from clax.transforms import (
+    agem,
+    coso,
+    ema_balancing,
+    ema_params,
+    ewc_penalty,
+    geometric_disentanglement,
+    l2_penalty,
+    subspace_projection,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Method",
     "Scenario",
+    "SubspaceBasis",
     "Task",
     "TrainState",
     "adaptive_ema",
+    "agem",
+    "analytic",
     "average",
     "averaged_params",
     "block_depths",
     "capture_layer_inputs",
+    "coso",
     "data",
     "default_config",
+    "diagonal_fisher",
+    "edits",
     "ema",
     "ema_balancing",
     "ema_params",
+    "empty_basis",
+    "ewc_penalty",
+    "fisher",
+    "fisher_importance_mask",
+    "geometric_disentanglement",
+    "gradient_ascent_loss",
+    "grow_basis",
+    "half_fine_tuning_mask",
     "head_backbone_labels",
     "interpolate",
+    "kappatune_mask",
+    "l2_penalty",
     "label_params",
     "lines",
     "lines_merge",
@@ -63,11 +122,21 @@ __all__ = [
     "make_scenario",
     "metrics",
     "models",
+    "npo_loss",
+    "params",
+    "project_out",
     "register_method",
     "registered_methods",
+    "replay",
     "slow_learner",
+    "ssd_dampen",
+    "subspace",
+    "subspace_projection",
     "train_continual",
+    "train_only",
     "training",
+    "transforms",
+    "unlearning",
     "weight_averaging",
     "weight_averaging_method",
 ]

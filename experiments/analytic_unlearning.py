@@ -46,16 +46,21 @@ from experiments.bench.common import device_description, write_json
 from experiments.configs.benchmarks import use_benchmark
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("benchmark", "split_fmnist", "Class-incremental benchmark preset.")
-flags.DEFINE_integer("forget_class", 0, "The class whose training examples are unlearned.")
-flags.DEFINE_integer("buffer_size", 2048, "Width of the random ReLU expansion of the pixels.")
-flags.DEFINE_float("gamma", 0.1, "Ridge regularisation γ (ACIL's default).")
-flags.DEFINE_enum("dtype", "float64", ["float32", "float64"], "Precision (ACIL: float64).")
-flags.DEFINE_integer("batch_size", 1024, "Rows per recursive least-squares update.")
-flags.DEFINE_integer("repeats", 3, "Timed repeats of unlearning and refitting.")
-flags.DEFINE_integer("seed", 0, "Seed of the random expansion.")
-flags.DEFINE_string("out", "benchmarks/results/analytic_unlearning",
-                    "Output path without extension ('' = write nothing).")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (only when run as a script: tests import the module, and
+    absl flags are global, so two scripts defining ``--out`` would collide)."""
+    flags.DEFINE_string("benchmark", "split_fmnist", "Class-incremental benchmark preset.")
+    flags.DEFINE_integer("forget_class", 0, "The class whose training examples are unlearned.")
+    flags.DEFINE_integer("buffer_size", 2048, "Width of the random ReLU expansion of the pixels.")
+    flags.DEFINE_float("gamma", 0.1, "Ridge regularisation γ (ACIL's default).")
+    flags.DEFINE_enum("dtype", "float64", ["float32", "float64"], "Precision (ACIL: float64).")
+    flags.DEFINE_integer("batch_size", 1024, "Rows per recursive least-squares update.")
+    flags.DEFINE_integer("repeats", 3, "Timed repeats of unlearning and refitting.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random expansion.")
+    flags.DEFINE_string("out", "benchmarks/results/analytic_unlearning",
+                        "Output path without extension ('' = write nothing).")
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -240,4 +245,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,4 +1,4 @@
-"""Post-hoc parameter-space edits: weight averaging and LiNeS task-vector scaling."""
+"""Post-hoc parameter-space edits: weight averaging, LiNeS task-vector scaling, SSD."""
 
 from clax.edits.averaging import (
     WeightAveragingState,
@@ -15,8 +15,10 @@ from clax.edits.lines import (
     merge_alpha,
     scale_task_vector,
 )
+from clax.edits.ssd import SSDReport, ssd_apply, ssd_dampen
 
 __all__ = [
+    "SSDReport",
     "WeightAveragingState",
     "average",
     "averaged_params",
@@ -27,5 +29,7 @@ __all__ = [
     "merge_alpha",
     "running_average_update",
     "scale_task_vector",
+    "ssd_apply",
+    "ssd_dampen",
     "weight_averaging",
 ]

@@ -4,7 +4,14 @@ Importing this package registers them (``clax`` imports it), so
 ``clax.training.default_config()`` lists their hyperparameters under ``config.method``.
 """
 
-from clax.methods import weight_space  # noqa: F401  (registers the methods)
+# Importing the modules registers their methods. Factories named like their module (gpm,
+# coso, ewc) are not re-exported here: they would hide the module (`clax.methods.gpm`);
+# build them with `clax.make_method(name, ...)` or import them from the module.
+from clax.methods import analytic, coso, ewc, gpm, replay, weight_space  # noqa: F401
+from clax.methods.analytic import acil, lda, ncm
+from clax.methods.ewc import l2, online_ewc
+from clax.methods.gpm import gpm_consolidate, gpm_memory
+from clax.methods.replay import agem, derpp, er, replay_reptile
 from clax.methods.weight_space import (
     adaptive_ema,
     align_classifier,
@@ -17,11 +24,22 @@ from clax.methods.weight_space import (
 )
 
 __all__ = [
+    "acil",
     "adaptive_ema",
+    "agem",
     "align_classifier",
     "class_statistics",
+    "derpp",
     "ema",
+    "er",
+    "gpm_consolidate",
+    "gpm_memory",
+    "l2",
+    "lda",
     "lines",
+    "ncm",
+    "online_ewc",
+    "replay_reptile",
     "slow_learner",
     "swap_in",
     "weight_averaging",

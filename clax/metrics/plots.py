@@ -28,7 +28,12 @@ from clax.metrics.report import PathLike, atomic_write_bytes, normalize_curves
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_accuracy_curves", "plot_accuracy_matrix", "plot_comparison"]
+__all__ = [
+    "plot_accuracy_curves",
+    "plot_accuracy_matrix",
+    "plot_comparison",
+    "plot_curve_comparison",
+]
 
 _DPI = 120
 # Metrics stored as fractions, plotted in percent (or percentage points).
@@ -64,6 +69,16 @@ def _save(fig: Figure, path: PathLike) -> pathlib.Path:
 def _check_title(title: Any) -> None:
     if title is not None and not isinstance(title, str):
         raise ValueError(f"title must be a str or None, got {title!r}")
+
+
+def _check_boundaries(task_boundaries: Any) -> list[float]:
+    if isinstance(task_boundaries, (str, bytes)) or not isinstance(task_boundaries, Iterable):
+        raise ValueError(f"task_boundaries must be an iterable of steps, got {task_boundaries!r}")
+    boundaries = list(task_boundaries)
+    for k, s in enumerate(boundaries):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise ValueError(f"task_boundaries[{k}] must be a finite number, got {s!r}")
+    return [float(s) for s in boundaries]
 
 
 def plot_accuracy_matrix(
@@ -169,12 +184,7 @@ def plot_accuracy_curves(
     if not points:
         raise ValueError("curves must contain at least one point")
     _check_title(title)
-    if isinstance(task_boundaries, (str, bytes)):
-        raise ValueError(f"task_boundaries must be an iterable of steps, got {task_boundaries!r}")
-    boundaries = list(task_boundaries)
-    for k, s in enumerate(boundaries):
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
-            raise ValueError(f"task_boundaries[{k}] must be a finite number, got {s!r}")
+    boundaries = _check_boundaries(task_boundaries)
 
     by_task: dict[int, list[tuple[int, float]]] = {}
     for step, _, eval_task, acc in points:
@@ -182,11 +192,12 @@ def plot_accuracy_curves(
 
     fig = _new_figure(8.0, 4.5)
     ax = fig.add_subplot()
+    marker = "." if max(len(v) for v in by_task.values()) <= 50 else None
     for eval_task in sorted(by_task):
         series = sorted(by_task[eval_task])
         steps = np.array([s for s, _ in series])
         accs = 100.0 * np.array([a for _, a in series])
-        ax.plot(steps, accs, label=f"task {eval_task}", marker="." if len(series) <= 50 else None)
+        ax.plot(steps, accs, label=f"task {eval_task}", marker=marker)
     for s in boundaries:
         ax.axvline(float(s), color="gray", linestyle="--", linewidth=1.0, alpha=0.8)
     ax.set_ylim(-2.0, 102.0)
@@ -276,4 +287,96 @@ def plot_comparison(
     ax.set_ylabel(_PERCENT_METRICS.get(metric, metric))
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(title="method", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_curve_comparison(
+    panels: Mapping[str, Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]]],
+    path: PathLike,
+    *,
+    task_boundaries: Iterable[float] = (),
+    title: str | None = None,
+    xlabel: str = "training step",
+) -> pathlib.Path:
+    """Side-by-side panels of per-step curves, one line per run (e.g. per method).
+
+    The stability-gap figures of a benchmark: e.g. a panel ``"task 0"`` with the accuracy of
+    the first task of every method against the training step, and a panel ``"WC-ACC"``.
+    Values are fractions, plotted in percent; vertical dashed lines mark ``task_boundaries``.
+    NaN values (undefined points, e.g. min-ACC before a second task) are left as gaps.
+
+    Args:
+        panels: Panel title -> {line label -> (steps, values)}, in display order; ``steps`` and
+            ``values`` are 1-D of equal length, ``values`` fractions in ``[0, 1]`` or NaN.
+        path: Output PNG file; parent directories are created.
+        task_boundaries: Steps where a new task started.
+        title: Optional figure title.
+        xlabel: Label of the horizontal axis (e.g. when steps are rescaled per task).
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``panels`` is empty, a panel has no lines, a line's arrays are not 1-D
+            of equal length or hold values outside ``[0, 1]``, a boundary is not finite, or
+            ``title`` is not a str.
+    """
+    _check_title(title)
+    boundaries = _check_boundaries(task_boundaries)
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError(f"panels must be a non-empty mapping of panel -> lines, got {panels!r}")
+    checked: list[tuple[str, list[tuple[str, np.ndarray, np.ndarray]]]] = []
+    for name, lines in panels.items():
+        if not isinstance(lines, Mapping) or not lines:
+            raise ValueError(f"panels[{name!r}] must be a non-empty mapping of label -> "
+                             f"(steps, values), got {lines!r}")
+        out = []
+        for label, line in lines.items():
+            try:
+                steps, values = line
+                steps = np.asarray(steps, np.float64)
+                values = np.asarray(values, np.float64)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"panels[{name!r}][{label!r}] must be a (steps, values) pair of numbers"
+                ) from e
+            if steps.ndim != 1 or steps.shape != values.shape:
+                raise ValueError(
+                    f"panels[{name!r}][{label!r}]: steps and values must be 1-D of equal "
+                    f"length, got shapes {steps.shape} and {values.shape}"
+                )
+            finite = values[~np.isnan(values)]
+            if np.any(finite < 0.0) or np.any(finite > 1.0):
+                raise ValueError(
+                    f"panels[{name!r}][{label!r}]: values must be fractions in [0, 1] "
+                    "(not percentages)"
+                )
+            out.append((str(label), steps, values))
+        checked.append((str(name), out))
+
+    from matplotlib import colormaps
+
+    labels = list(dict.fromkeys(label for _, lines in checked for label, _, _ in lines))
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colors = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}  # same in every panel
+    n = len(checked)
+    fig = _new_figure(min(4.5 * n + 1.0, 24.0), 4.0)
+    axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
+    for ax, (name, lines) in zip(axes, checked):
+        for label, steps, values in lines:
+            ax.plot(steps, 100.0 * values, label=label, linewidth=1.2, color=colors[label])
+        for b in boundaries:
+            ax.axvline(b, color="gray", linestyle="--", linewidth=1.0, alpha=0.8)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(-2.0, 102.0)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize="small")
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)

@@ -4,9 +4,12 @@ A run directory written by :func:`write_run_results` holds::
 
     accuracy_matrix.csv   after_task,task_0,...,task_{T-1}; one row per training task
     curves.csv            step,train_task,eval_task,accuracy (header only if no curves)
+    curves.json           the curves by evaluation, task boundaries, running min-ACC and
+                          WC-ACC (only when curves were given)
     accuracy_matrix.png   heatmap of R (see clax.metrics.plots)
-    accuracy_curves.png   accuracy vs step (only when curves were given)
-    metrics.json          summary, matrix, b, extra; written last
+    accuracy_curves.png   accuracy vs step, task boundaries marked (only when curves were given)
+    metrics.json          summary (task-end and stability-gap metrics), matrix, b, extra;
+                          written last
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 and ``metrics.json`` is written after everything else, so its presence means the run directory is
@@ -34,22 +37,28 @@ __all__ = [
     "ACCURACY_CURVES_PNG",
     "ACCURACY_MATRIX_CSV",
     "ACCURACY_MATRIX_PNG",
-    "CURVE_FIELDS",
     "CURVES_CSV",
+    "CURVES_JSON",
+    "CURVE_FIELDS",
     "METRICS_JSON",
     "RESULTS_COLUMNS",
+    "STABILITY_COLUMNS",
     "atomic_write_bytes",
     "atomic_write_text",
     "markdown_table",
     "normalize_curves",
+    "read_run_curves",
     "read_run_results",
     "results_table",
+    "run_summary",
+    "stability_table",
     "write_run_results",
 ]
 
 METRICS_JSON = "metrics.json"
 ACCURACY_MATRIX_CSV = "accuracy_matrix.csv"
 CURVES_CSV = "curves.csv"
+CURVES_JSON = "curves.json"
 ACCURACY_MATRIX_PNG = "accuracy_matrix.png"
 ACCURACY_CURVES_PNG = "accuracy_curves.png"
 
@@ -204,6 +213,63 @@ def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+def run_summary(
+    R: npt.ArrayLike, b: npt.ArrayLike | None = None, curves: Iterable[Any] = ()
+) -> dict[str, float | None]:
+    """Task-end metrics of ``R`` plus, when there are curves, the stability-gap metrics.
+
+    Args:
+        R: Accuracy matrix of shape ``(T, T)``, fractions in ``[0, 1]``.
+        b: Optional accuracies of the freshly initialized model, shape ``(T,)``.
+        curves: Accuracy-curve points (see :func:`normalize_curves`); may be empty.
+
+    Returns:
+        :func:`clax.metrics.continual.summarize` of ``(R, b)``, updated with
+        :func:`clax.metrics.stability.stability_summary` of the curves (``min_acc``,
+        ``wc_acc``, ``wf_10``, ``wp_10``, ``wf_100``, ``wp_100``) when there is at least one
+        point.
+
+    Raises:
+        ValueError: On invalid ``R``, ``b`` or ``curves``.
+    """
+    from clax.metrics import stability  # stability imports this module
+
+    summary = continual.summarize(R, b)
+    points = normalize_curves(curves)
+    if points:
+        summary.update(stability.stability_summary(points))
+    return summary
+
+
+def _check_boundaries(task_boundaries: Any) -> list[int] | None:
+    if task_boundaries is None:
+        return None
+    if isinstance(task_boundaries, (str, bytes, Mapping)):
+        raise ValueError(f"task_boundaries must be a sequence of steps, got {task_boundaries!r}")
+    return [_as_int(s, f"task_boundaries[{k}]", minimum=0)
+            for k, s in enumerate(task_boundaries)]
+
+
+def _curves_document(points, boundaries: list[int]) -> dict[str, Any]:
+    """curves.json: one row per evaluation (null where a task was not evaluated)."""
+    from clax.metrics import stability
+
+    grid = stability.evaluation_grid(points)
+    tracked = stability.tracking_metrics(grid)
+
+    def nullable(a):
+        return [None if np.isnan(v) else float(v) for v in a]
+
+    return {
+        "task_boundaries": boundaries,
+        "steps": grid.steps.tolist(),
+        "train_task": grid.train_task.tolist(),
+        "accuracy": [nullable(row) for row in grid.accuracy],
+        "min_acc": nullable(tracked["min_acc"]),
+        "wc_acc": nullable(tracked["wc_acc"]),
+    }
+
+
 def write_run_results(
     workdir: PathLike,
     *,
@@ -212,16 +278,21 @@ def write_run_results(
     b: npt.ArrayLike | None = None,
     curves: Iterable[Any] = (),
     extra: Mapping[str, Any] | None = None,
+    task_boundaries: Iterable[int] | None = None,
 ) -> dict[str, float | None]:
     """Writes the results of one continual-learning run to ``workdir``.
 
     Files (see the module docstring): ``accuracy_matrix.csv``, ``curves.csv``,
-    ``accuracy_matrix.png``, ``accuracy_curves.png`` (only if ``curves`` is non-empty; task
-    boundaries are the first step of every training task after the first) and finally
-    ``metrics.json``::
+    ``accuracy_matrix.png``, ``curves.json`` and ``accuracy_curves.png`` (only if ``curves`` is
+    non-empty) and finally ``metrics.json``::
 
-        {"name": name, "num_tasks": T, "summary": summarize(R, b),
+        {"name": name, "num_tasks": T, "summary": run_summary(R, b, curves),
          "accuracy_matrix": R as nested lists, "b": b as a list or null, "extra": extra or {}}
+
+    ``curves.json`` holds ``task_boundaries``, ``steps`` and ``train_task`` (one entry per
+    evaluation), ``accuracy`` (per evaluation, a list over tasks with null where a task was
+    not evaluated) and the running ``min_acc`` / ``wc_acc`` (see
+    :func:`clax.metrics.stability.tracking_metrics`).
 
     All inputs are validated and serialized before anything is written; each file is written
     atomically and ``metrics.json`` last.
@@ -235,12 +306,15 @@ def write_run_results(
             accuracy)``; see :func:`normalize_curves`.
         extra: Optional JSON-serializable mapping with string keys (train time, config name...).
             numpy scalars/arrays and paths are converted.
+        task_boundaries: Steps at which tasks 1, 2, ... started (marked on the curves plot).
+            None: the first evaluated step of each training task after the first.
 
     Returns:
-        The summary dict from :func:`clax.metrics.continual.summarize`.
+        The summary dict from :func:`run_summary`.
 
     Raises:
-        ValueError: On invalid ``name``, ``R``, ``b``, ``curves`` or ``extra``.
+        ValueError: On invalid ``name``, ``R``, ``b``, ``curves``, ``extra`` or
+            ``task_boundaries``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
@@ -253,7 +327,10 @@ def write_run_results(
     if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
         raise ValueError(f"extra must be a mapping with str keys or None, got {extra!r}")
 
-    summary = continual.summarize(R, b_arr)
+    boundaries = _check_boundaries(task_boundaries)
+    if boundaries is None:
+        boundaries = _task_boundaries(points)
+    summary = run_summary(R, b_arr, points)
     payload = {
         "name": name,
         "num_tasks": T,
@@ -272,6 +349,9 @@ def write_run_results(
     curves_csv = _csv_text(
         [list(CURVE_FIELDS)] + [[s, tr, ev, repr(acc)] for s, tr, ev, acc in points]
     )
+    curves_json = (
+        json.dumps(_curves_document(points, boundaries)) + "\n" if points else None
+    )
 
     # Imported here so that importing clax.metrics.report does not import matplotlib.
     from clax.metrics import plots
@@ -282,14 +362,61 @@ def write_run_results(
     atomic_write_text(workdir / CURVES_CSV, curves_csv)
     plots.plot_accuracy_matrix(R, workdir / ACCURACY_MATRIX_PNG, title=name)
     if points:
+        atomic_write_text(workdir / CURVES_JSON, curves_json)
         plots.plot_accuracy_curves(
             points,
             workdir / ACCURACY_CURVES_PNG,
-            task_boundaries=_task_boundaries(points),
+            task_boundaries=boundaries,
             title=name,
         )
     atomic_write_text(workdir / METRICS_JSON, metrics_text)
     return summary
+
+
+def read_run_curves(workdir: PathLike) -> dict[str, Any] | None:
+    """Reads the accuracy curves of a run directory.
+
+    Args:
+        workdir: Run directory written by :func:`write_run_results`.
+
+    Returns:
+        None when the run has no curves; otherwise ``{"points": [(step, train_task,
+        eval_task, accuracy), ...], "task_boundaries": [...]}``, from ``curves.json`` when
+        present, else from ``curves.csv`` (boundaries then derived from the points).
+
+    Raises:
+        ValueError: If a curves file is malformed.
+    """
+    workdir = pathlib.Path(workdir)
+    path = workdir / CURVES_JSON
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            points = [
+                (step, train_task, j, acc)
+                for step, train_task, row in zip(doc["steps"], doc["train_task"], doc["accuracy"])
+                for j, acc in enumerate(row)
+                if acc is not None
+            ]
+            boundaries = list(doc["task_boundaries"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a curves document: {e}") from e
+        return {"points": normalize_curves(points), "task_boundaries": boundaries}
+    path = workdir / CURVES_CSV
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        points = normalize_curves(
+            [(int(r["step"]), int(r["train_task"]), int(r["eval_task"]), float(r["accuracy"]))
+             for r in rows]
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a curves file: {e}") from e
+    if not points:
+        return None
+    return {"points": points, "task_boundaries": _task_boundaries(points)}
 
 
 def read_run_results(workdir: PathLike) -> dict[str, Any]:
@@ -474,3 +601,46 @@ def results_table(runs: Sequence[Mapping[str, Any]]) -> str:
         )
     return markdown_table(rows, RESULTS_COLUMNS)
 
+
+STABILITY_COLUMNS = (
+    ("benchmark", "benchmark"),
+    ("method", "method"),
+    ("acc", "ACC"),
+    ("min_acc", "min-ACC"),
+    ("wc_acc", "WC-ACC"),
+    ("wf_10", "WF^10"),
+    ("wp_10", "WP^10"),
+    ("wf_100", "WF^100"),
+    ("wp_100", "WP^100"),
+)
+
+
+def stability_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Stability-gap metrics of continual-learning runs, in markdown.
+
+    Columns ``benchmark | method | ACC | min-ACC | WC-ACC | WF^10 | WP^10 | WF^100 | WP^100``
+    from the keys of :func:`run_summary` (``acc``, ``min_acc``, ``wc_acc``, ``wf_10``, ...), all
+    fractions shown in percent with one decimal. Missing or ``None`` values (no curves, or
+    fewer evaluations than a window) are shown as ``"–"``.
+
+    Args:
+        runs: Sequence of mappings, one per row, in display order.
+
+    Returns:
+        The markdown table (no trailing newline).
+
+    Raises:
+        ValueError: If ``runs`` is not a sequence of mappings or a metric is not a number.
+    """
+    if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)):
+        raise ValueError(f"runs must be a sequence of mappings, got {type(runs)}")
+    rows = []
+    for k, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise ValueError(f"runs[{k}] must be a mapping, got {run!r}")
+        row = {"benchmark": run.get("benchmark"), "method": run.get("method")}
+        for key, _ in STABILITY_COLUMNS[2:]:
+            value = _number(run, key, k)
+            row[key] = None if value is None else f"{100 * value:z.1f}"
+        rows.append(row)
+    return markdown_table(rows, STABILITY_COLUMNS)

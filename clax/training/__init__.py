@@ -13,6 +13,7 @@ from clax.training.loop import NonFiniteLossError, RunResult, train_continual
 from clax.training.method import (
     Batch,
     BoundaryContext,
+    DataSpec,
     Method,
     StepContext,
     TrainArrays,
@@ -29,6 +30,7 @@ from clax.training.steps import StepFns, StepMetrics, correct_predictions, maske
 __all__ = [
     "Batch",
     "BoundaryContext",
+    "DataSpec",
     "Method",
     "ModelFns",
     "NonFiniteLossError",

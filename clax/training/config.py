@@ -81,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
             "epochs_per_task": 1,
             "batch_size": 128,
             "eval_batch_size": 512,
-            # Evaluate seen tasks every N steps on `eval_subsample` test examples (0: off).
+            # Continual evaluation: every seen task every N steps (ρ) on a fixed subsample of
+            # `eval_subsample` test examples per task (<= 0: all); 0: off. Gives the curves
+            # and the stability-gap metrics (min-ACC, WC-ACC, WF/WP) of clax.metrics.stability.
             "eval_every_steps": 0,
             "eval_subsample": 1000,
             # Checkpoint every N steps (0: only at task boundaries). Needs a workdir.

@@ -23,7 +23,14 @@ from clax import metrics as clax_metrics
 from clax.training import config as config_lib
 from clax.training import feed
 from clax.training.checkpoint import Checkpointer
-from clax.training.method import Batch, BoundaryContext, Method, TrainState
+from clax.training.method import (
+    Batch,
+    BoundaryContext,
+    Method,
+    TrainArrays,
+    TrainState,
+    current_task_data,
+)
 from clax.training.model_fns import ModelFns
 from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, next_power_of_two, pad_to_bucket
@@ -46,6 +53,9 @@ class RunResult:
     curves: list[dict[str, Any]]  # periodic evaluations (step, train_task, eval_task, acc)
     train_time_s: float  # time in training steps and consolidation (compiles included)
     task_train_time_s: list[float]  # the same, per task
+    eval_time_s: float = 0.0  # time in continual (periodic) evaluation, compile included
+    task_eval_time_s: list[float] = dataclasses.field(default_factory=list)  # the same, per task
+    task_boundaries: list[int] = dataclasses.field(default_factory=list)  # start step per task
     state: TrainState | None = None
     model: ModelFns | None = None
 
@@ -64,7 +74,8 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     if os.path.exists(path) and has_checkpoints:
         with open(path) as f:
             saved = json.load(f)
-        diffs = [k for k in _diff_keys(saved, current) if k not in config_lib.OPERATIONAL_KEYS]
+        diffs = [k for k in _diff_keys(saved, current)
+                 if k not in config_lib.OPERATIONAL_KEYS and _affects_run(k, current)]
         if diffs:
             raise ValueError(
                 f"workdir {workdir!r} holds a run with a different config (differing keys: "
@@ -78,6 +89,18 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     with open(tmp, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def _affects_run(key: str, config: dict) -> bool:
+    """False for the subsections of models and methods the run does not use.
+
+    ``config.method.<name>`` exists for every registered method, so registering a new one
+    (or changing another method's defaults) must not make older workdirs unresumable.
+    """
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[0] in ("method", "model") and parts[1] != "name":
+        return parts[1] == config.get(parts[0], {}).get("name")
+    return True
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -113,6 +136,67 @@ def _check_model_fits(model: Any, scenario: Any) -> None:
             f"model has {model.num_tasks} heads; expected 1 or the scenario's "
             f"{scenario.num_tasks} tasks"
         )
+
+
+# What `Method.online_fallback` may declare (see `_online_mode`).
+ONLINE_FALLBACKS = ("single_task",)
+
+
+def _online_mode(scenario: Any, method: Method, train: ml_collections.ConfigDict) -> bool:
+    """Whether `scenario` is an online stream, after checking `method` can run on one.
+
+    An online stream (``Scenario.online``) is one pass over the data with the task
+    boundaries hidden from the method: the loop trains one epoch per task, passes task
+    index 0 and task ids 0 to the step hooks, and calls no boundary hooks, except for a
+    method declaring ``online_fallback="single_task"``, whose ``before_task`` runs once
+    before the stream and ``consolidate`` once after it, both seeing the stream as one
+    task (`_stream_context`).
+    """
+    if not getattr(scenario, "online", False):
+        return False
+    fallback = method.online_fallback
+    if fallback is not None and fallback not in ONLINE_FALLBACKS:
+        raise ValueError(
+            f"method {method.name!r}: online_fallback must be None or one of "
+            f"{ONLINE_FALLBACKS}, got {fallback!r}"
+        )
+    hooks = [h for h in ("before_task", "consolidate") if getattr(method, h) is not None]
+    if hooks and fallback is None:
+        raise ValueError(
+            f"method {method.name!r} needs task boundaries (it has {' and '.join(hooks)} "
+            f"hooks), but scenario {scenario.name!r} is an online stream that hides them. "
+            "Use a method without boundary hooks, or one that declares "
+            "online_fallback='single_task' (hooks run once around the whole stream)."
+        )
+    if method.training_data is not current_task_data:
+        raise ValueError(
+            f"method {method.name!r} chooses its own training data per task "
+            f"(training_data), which needs task boundaries; scenario {scenario.name!r} is "
+            "an online stream: one pass over the data as it arrives"
+        )
+    if train.reset_optimizer_per_task:
+        raise ValueError(
+            "config.train.reset_optimizer_per_task=True resets the optimizer at task "
+            f"boundaries, which online stream {scenario.name!r} hides; set it to False"
+        )
+    if train.epochs_per_task != 1:
+        log.warning("%s is an online stream (one pass): config.train.epochs_per_task=%d is "
+                    "ignored, each task is trained for 1 epoch", scenario.name,
+                    train.epochs_per_task)
+    return True
+
+
+def _stream_context(ctx: BoundaryContext, scenario: Any) -> BoundaryContext:
+    """``ctx`` with the whole online stream as one task (the ``single_task`` fallback)."""
+    tasks = scenario.tasks
+    whole = tasks[0]._replace(
+        id=0,
+        **{f: np.concatenate([getattr(t, f) for t in tasks])
+           for f in ("x_train", "y_train", "x_test", "y_test")},
+        classes=np.unique(np.concatenate([t.classes for t in tasks])).astype(np.int32),
+    )
+    train = TrainArrays(whole.x_train, whole.y_train, np.zeros(len(whole.y_train), np.int32))
+    return ctx._replace(task_index=0, tasks=(whole,), train=train)
 
 
 def _checked_hook_state(new: TrainState, old: TrainState, hook: str, method: Method
@@ -153,6 +237,17 @@ def _logit_masks(scenario: Any) -> np.ndarray | None:
     return masks
 
 
+def _eval_period(train: ml_collections.ConfigDict) -> int:
+    """ρ of continual evaluation: ``config.train.eval_every_steps`` (0: off)."""
+    rho = train.eval_every_steps
+    if isinstance(rho, bool) or not isinstance(rho, (int, np.integer)) or rho < 0:
+        raise ValueError(
+            f"config.train.eval_every_steps (ρ, evaluate every seen task every ρ steps) must "
+            f"be an int >= 1, or 0 to turn continual evaluation off; got {rho!r}"
+        )
+    return int(rho)
+
+
 class _Evaluator:
     """Accuracy of a state on each task's test set (full or a fixed subsample)."""
 
@@ -174,6 +269,45 @@ class _Evaluator:
                                       *self._sets[j][:2])
                   for j in tasks]
         return [int(c) / self._sets[j][2] for c, j in zip(jax.device_get(counts), tasks)]
+
+
+class _ContinualEvaluator:
+    """Continual evaluation: every seen task's fixed test subsample, in one jitted call.
+
+    Each task's subsample (``subsample`` examples drawn once per task and seed) is padded to
+    the same number of batches and the sets are stacked on the devices, so evaluating any set
+    of tasks is one dispatch of `StepFns.evaluate_tasks` (the task count is traced: one
+    compilation per run) and one host transfer of the counts.
+    """
+
+    def __init__(self, fns: StepFns, scenario: Any, batch_size: int, subsample: int | None,
+                 seed: int):
+        self._fns = fns
+        sets, sizes = [], []
+        for task in scenario.tasks:
+            keep = feed.subsample(len(task.y_test), subsample, seed=seed + task.id)
+            tids = np.full(len(keep), task.id, np.int32)
+            sets.append(feed.padded_eval_batches(task.x_test[keep], task.y_test[keep], tids,
+                                                 batch_size))
+            sizes.append(len(keep))
+        num_batches = max(len(valid) for _, valid in sets)
+
+        def stack(*arrays):
+            return np.stack([np.concatenate([a, np.zeros((num_batches - len(a), *a.shape[1:]),
+                                                          a.dtype)]) for a in arrays])
+
+        self._data = fns.replicate(jax.tree.map(stack, *[batches for batches, _ in sets]))
+        self._valid = fns.replicate(stack(*[valid for _, valid in sets]))
+        self._sizes = np.asarray(sizes)
+
+    def accuracies(self, state: TrainState, tasks: range) -> list[float]:
+        tasks = np.asarray(list(tasks), np.int32)
+        index = np.zeros(len(self._sizes), np.int32)
+        index[: len(tasks)] = tasks
+        counts = self._fns.evaluate_tasks(state.params, state.model_state, state.memory,
+                                          self._data, self._valid, index, np.int32(len(tasks)))
+        counts = jax.device_get(counts)
+        return [int(counts[n]) / int(self._sizes[j]) for n, j in enumerate(tasks)]
 
 
 def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]) -> list[int]:
@@ -227,6 +361,11 @@ def train_continual(
 ) -> RunResult:
     """Trains on every task of the scenario in order; evaluates all tasks after each.
 
+    With ``config.train.eval_every_steps = ρ > 0`` it also evaluates every seen task every ρ
+    steps on a fixed subsample of its test set (continual evaluation, one jitted call per
+    evaluation): the curves, their stability-gap metrics in the summary (see
+    `clax.metrics.stability`) and the time spent evaluating (`RunResult.eval_time_s`).
+
     Args:
       config: a run config (see `clax.training.config.default_config`).
       workdir: where checkpoints and results go; None keeps everything in memory.
@@ -238,16 +377,22 @@ def train_continual(
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
-      ValueError: inconsistent config, data and model (before anything is compiled).
+      ValueError: inconsistent config, data and model (before anything is compiled), or
+        a method that needs task boundaries on an online stream (``scenario.online``:
+        one epoch per task, no task index or boundary hooks for the method; see
+        `_online_mode`).
     """
     config_lib.validate_config(config)
     scenario = scenario if scenario is not None else config_lib.build_scenario(config)
     model = model if model is not None else config_lib.build_model(config, scenario)
     method = method if method is not None else config_lib.build_method(config)
     _check_model_fits(model, scenario)
+    online = _online_mode(scenario, method, config.train)
+    epochs = 1 if online else config.train.epochs_per_task
     if workdir is not None:
         _check_workdir_config(workdir, config)
     tc = config.train
+    rho = _eval_period(tc)
     mesh = data_mesh(tc.num_devices or None)
     n_dev = mesh.devices.size
     for key in ("batch_size", "eval_batch_size"):
@@ -263,8 +408,8 @@ def train_continual(
     state = steps.init_state(params, model_state, config.seed)
     full_eval = _Evaluator(steps, scenario, tc.eval_batch_size, None, config.seed)
     sub_eval = (
-        _Evaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample, config.seed)
-        if tc.eval_every_steps > 0
+        _ContinualEvaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample, config.seed)
+        if rho > 0
         else None
     )
 
@@ -272,6 +417,7 @@ def train_continual(
     meta: dict[str, Any] = {
         "task": 0, "epoch": 0, "step_in_epoch": 0, "rows": [], "baseline": None,
         "curves": [], "train_time_s": 0.0, "task_train_time_s": [], "done": False,
+        "eval_time_s": 0.0, "task_eval_time_s": [], "task_boundaries": [],
     }
     ckpt = None
     if workdir is not None:
@@ -279,6 +425,9 @@ def train_continual(
                             max_to_keep=tc.checkpoints_to_keep)
         if ckpt.latest() is not None:
             state, meta = ckpt.restore(state)
+            meta.setdefault("eval_time_s", 0.0)
+            meta.setdefault("task_eval_time_s", [])
+            meta.setdefault("task_boundaries", [])
             state = steps.place_state(state)
             log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)",
                      config.name, ckpt.latest(), workdir, meta["task"], meta["epoch"],
@@ -295,15 +444,20 @@ def train_continual(
         task_start = time.perf_counter()
         task_step0 = int(state.step)
         train = method.training_data(scenario.tasks, t)
+        if online:  # the method sees no task ids (and task index 0, below)
+            train = train._replace(task_ids=np.zeros_like(train.task_ids))
         ctx = BoundaryContext(task_index=t, tasks=scenario.tasks, train=train, model=fns_model,
                               steps=steps, config=config,
                               rng=jax.random.fold_in(jax.random.key(config.seed), t))
         if meta["epoch"] == 0 and meta["step_in_epoch"] == 0:  # not resuming mid-task
+            meta["task_boundaries"].append(task_step0)
+            meta["eval_time_at_task_start"] = meta["eval_time_s"]
             if tc.reset_optimizer_per_task and t > 0:
                 state = steps.place_state(state._replace(opt_state=steps.tx.init(state.params)))
-            if method.before_task is not None:
+            if method.before_task is not None and (not online or t == 0):
+                hook_ctx = _stream_context(ctx, scenario) if online else ctx
                 state = steps.place_state(_checked_hook_state(
-                    method.before_task(state, ctx), state, "before_task", method))
+                    method.before_task(state, hook_ctx), state, "before_task", method))
         data = Batch(x=train.x, y=train.y, task_ids=train.task_ids)
         if tc.device_resident:
             data = steps.replicate(pad_to_bucket(data))
@@ -311,7 +465,7 @@ def train_continual(
         steps_per_epoch = len(train.y) // tc.batch_size
         capacity = next_power_of_two(min([steps_per_epoch, *periods]))
         last_loss = float("nan")
-        for epoch in range(meta["epoch"], tc.epochs_per_task):
+        for epoch in range(meta["epoch"], epochs):
             idx = feed.epoch_index_batches(len(train.y), tc.batch_size, seed=config.seed,
                                            task_index=t, epoch=epoch)
             start = meta["step_in_epoch"]
@@ -319,7 +473,8 @@ def train_continual(
                                (tc.eval_every_steps, tc.checkpoint_every_steps))
             for end in ends:
                 chunk_start = time.perf_counter()
-                state, losses = _train_chunk(steps, state, data, train, idx[start:end], t,
+                state, losses = _train_chunk(steps, state, data, train, idx[start:end],
+                                             0 if online else t,
                                              device_resident=tc.device_resident,
                                              capacity=capacity)
                 meta["train_time_s"] += time.perf_counter() - chunk_start
@@ -330,23 +485,29 @@ def train_continual(
                 meta["epoch"] = epoch + 1 if epoch_done else epoch
                 meta["step_in_epoch"] = 0 if epoch_done else end
                 step_now = int(state.step)
-                if sub_eval is not None and step_now % tc.eval_every_steps == 0:
+                if sub_eval is not None and step_now % rho == 0:
+                    eval_start = time.perf_counter()
+                    accs = sub_eval.accuracies(state, range(t + 1))  # every seen task
+                    meta["eval_time_s"] += time.perf_counter() - eval_start
                     meta["curves"] += [
                         {"step": step_now, "train_task": t, "eval_task": j, "accuracy": acc}
-                        for j, acc in enumerate(sub_eval.accuracies(state, range(t + 1)))
+                        for j, acc in enumerate(accs)
                     ]
-                task_ends_here = epoch_done and epoch + 1 == tc.epochs_per_task
+                task_ends_here = epoch_done and epoch + 1 == epochs
                 every = tc.checkpoint_every_steps
                 if ckpt is not None and every > 0 and step_now % every == 0 and not task_ends_here:
                     meta["partial_task_time_s"] = meta["train_time_s"] - task_time0
                     ckpt.save(state, meta)
-        if method.consolidate is not None:
+        if method.consolidate is not None and (not online or t == T - 1):
             consolidate_start = time.perf_counter()
+            hook_ctx = _stream_context(ctx, scenario) if online else ctx
             state = steps.place_state(_checked_hook_state(
-                method.consolidate(state, ctx), state, "consolidate", method))
+                method.consolidate(state, hook_ctx), state, "consolidate", method))
             meta["train_time_s"] += time.perf_counter() - consolidate_start
         task_steps = int(state.step) - task_step0
         meta["task_train_time_s"].append(meta["train_time_s"] - task_time0)
+        meta["task_eval_time_s"].append(
+            meta["eval_time_s"] - meta.get("eval_time_at_task_start", meta["eval_time_s"]))
         task_time0 = meta["train_time_s"]
         row = full_eval.accuracies(state, range(T))
         meta["rows"].append(row)
@@ -365,12 +526,24 @@ def train_continual(
 
     R = np.asarray(meta["rows"], dtype=np.float64)
     b = np.asarray(meta["baseline"], dtype=np.float64)
-    summary = clax_metrics.summarize(R, b)
+    summary = clax_metrics.run_summary(R, b, meta["curves"])  # + stability-gap metrics
+    eval_overhead = (meta["eval_time_s"] / meta["train_time_s"]
+                     if rho and meta["train_time_s"] > 0 else None)
+    if rho:
+        log.info("%s: continual evaluation every %d steps: %d evaluations in %.1fs (%.0f%% of "
+                 "the %.1fs training time)", config.name, rho,
+                 len({c["step"] for c in meta["curves"]}), meta["eval_time_s"],
+                 100 * (eval_overhead or 0.0), meta["train_time_s"])
     if workdir is not None:
         summary = clax_metrics.write_run_results(
             workdir, name=config.name, R=R, b=b, curves=meta["curves"],
             extra={"train_time_s": meta["train_time_s"], "method": method.name,
-                   "scenario": scenario.name},
+                   "scenario": scenario.name, "eval_every_steps": rho,
+                   "eval_subsample": tc.eval_subsample if rho else None,
+                   "num_evaluations": len({c["step"] for c in meta["curves"]}),
+                   "eval_time_s": meta["eval_time_s"], "eval_overhead": eval_overhead,
+                   "total_steps": int(state.step)},
+            task_boundaries=meta["task_boundaries"][1:],
         )
         ckpt.close()
     return RunResult(
@@ -381,6 +554,9 @@ def train_continual(
         curves=meta["curves"],
         train_time_s=meta["train_time_s"],
         task_train_time_s=meta["task_train_time_s"],
+        eval_time_s=meta["eval_time_s"],
+        task_eval_time_s=meta["task_eval_time_s"],
+        task_boundaries=list(meta["task_boundaries"]),
         state=state if keep_state else None,
         model=fns_model if keep_state else None,
     )

@@ -15,6 +15,8 @@ field                  role
                        the parameters whose rate depends on the gradient).
 ``init_memory``        ``params -> memory``: the method's own state (bases, Fisher,
                        replay buffer...). Any pytree; it is checkpointed with the run.
+                       Memory that stores examples declares a keyword ``data`` and
+                       gets the run's `DataSpec` (input shape, logit width).
 ``extra_args``         ``StepContext -> dict``: keyword extra args passed each step to
                        ``tx.update(grads, opt_state, params, **extra_args)``.
 ``loss_terms``         ``(params, StepContext) -> scalar`` added to the task loss.
@@ -27,6 +29,11 @@ field                  role
                        head at evaluation (prototype and closed-form heads that live in
                        memory). ``features`` are the model's penultimate features (B, D);
                        the logits must have the model's (B, num_classes) shape.
+``online_fallback``    what the boundary hooks do on an online stream, whose task
+                       boundaries the method is not told (``Scenario.online``): None
+                       (the method needs boundaries; the loop refuses the stream) or
+                       ``"single_task"`` (the stream is one task: ``before_task`` runs
+                       once before it and ``consolidate`` once after it).
 =====================  ================================================================
 
 All step-time hooks run inside the jitted training step: they must be pure jnp code with
@@ -66,6 +73,13 @@ class TrainArrays(NamedTuple):
     x: np.ndarray
     y: np.ndarray
     task_ids: np.ndarray
+
+
+class DataSpec(NamedTuple):
+    """Static shapes of a run's data, for memory that stores examples (replay buffers)."""
+
+    input_shape: tuple[int, ...]  # one example, e.g. (H, W, C)
+    num_classes: int  # width of the model's logits
 
 
 class TrainState(NamedTuple):
@@ -130,7 +144,7 @@ class Method:
     transform: optax.GradientTransformation | None = None
     post_transform: optax.GradientTransformation | None = None
     wrapper: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None
-    init_memory: Callable[[PyTree], PyTree] = _no_memory
+    init_memory: Callable[..., PyTree] = _no_memory
     extra_args: Callable[[StepContext], dict[str, Any]] | None = None
     loss_terms: Callable[[PyTree, StepContext], jax.Array] | None = None
     update_memory: Callable[[PyTree, StepContext, jax.Array, PyTree], PyTree] | None = None
@@ -138,6 +152,18 @@ class Method:
     consolidate: Callable[[TrainState, BoundaryContext], TrainState] | None = None
     training_data: Callable[[Sequence[Task], int], TrainArrays] = current_task_data
     predict: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None
+    online_fallback: str | None = None
+
+    def initial_memory(self, params: PyTree, data: DataSpec) -> PyTree:
+        """``init_memory(params, data=data)`` if it takes a ``data`` keyword, else
+        ``init_memory(params)``."""
+        try:
+            takes_data = "data" in inspect.signature(self.init_memory).parameters
+        except (TypeError, ValueError):  # a callable without a signature (a builtin)
+            takes_data = False
+        if takes_data:
+            return self.init_memory(params, data=data)
+        return self.init_memory(params)
 
     def optimizer(
         self, base: optax.GradientTransformation

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clax.training.method import Batch, Method, StepContext, TrainState
+from clax.training.method import Batch, DataSpec, Method, StepContext, TrainState
 from clax.training.model_fns import ModelFns
 
 PyTree = Any
@@ -102,6 +102,7 @@ class StepFns:
         )
         object.__setattr__(self, "train_step", jax.jit(self._train_step, donate_argnums=(0,)))
         object.__setattr__(self, "evaluate", jax.jit(self._evaluate))
+        object.__setattr__(self, "evaluate_tasks", jax.jit(self._evaluate_tasks))
 
     # ------------------------------------------------------------------ shardings
     def replicate(self, tree: PyTree) -> PyTree:
@@ -130,13 +131,18 @@ class StepFns:
         return None if self._masks is None else self._masks[task_ids]
 
     # ------------------------------------------------------------------ training
+    @property
+    def data_spec(self) -> DataSpec:
+        """The shapes memory that stores examples needs (`Method.init_memory`'s ``data``)."""
+        return DataSpec(tuple(self.model.input_shape), int(self.model.num_classes))
+
     def init_state(self, params: PyTree, model_state: PyTree, seed: int) -> TrainState:
         """Fresh `TrainState` (optimizer and method memory initialised), replicated."""
         state = TrainState(
             params=params,
             model_state=model_state,
             opt_state=self.tx.init(params),
-            memory=self.method.init_memory(params),
+            memory=self.method.initial_memory(params, self.data_spec),
             rng=jax.random.key(seed),
             step=jnp.zeros((), jnp.int32),
         )
@@ -271,3 +277,29 @@ class StepFns:
 
         _, counts = jax.lax.scan(body, None, (data, valid))
         return counts.sum()
+
+    def _evaluate_tasks(self, params, model_state, memory, data: Batch, valid: jax.Array,
+                        tasks: jax.Array, num_tasks: jax.Array) -> jax.Array:
+        """Correct-prediction counts of several tasks' evaluation sets in one call.
+
+        The continual-evaluation step: every seen task in one dispatch, one host transfer.
+
+        Args:
+          memory: the method's memory (read only by a `Method.predict` hook).
+          data: every task's padded eval batches, stacked: (T, num_batches, batch, ...).
+          valid: bool (T, num_batches, batch); False marks padding.
+          tasks: int32 (K,) indices into the T sets; the first `num_tasks` are evaluated.
+          num_tasks: int32 scalar, traced: any number of tasks shares one compilation
+            (a loop of `num_tasks` iterations; unevaluated tasks cost nothing).
+
+        Returns:
+          int32 (K,) counts, zero past `num_tasks`.
+        """
+
+        def body(j, counts):
+            k = tasks[j]
+            task_data = jax.tree.map(lambda a: a[k], data)
+            count = self._evaluate(params, model_state, memory, task_data, valid[k])
+            return counts.at[j].set(count.astype(jnp.int32))
+
+        return jax.lax.fori_loop(0, num_tasks, body, jnp.zeros(tasks.shape, jnp.int32))

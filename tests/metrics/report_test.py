@@ -283,3 +283,97 @@ class TestResultsTable:
             report.results_table([{"benchmark": "b", "method": "m", "acc": "93%"}])
         with pytest.raises(ValueError, match=r"runs\[0\] must be a mapping"):
             report.results_table([("b", "m")])
+
+
+class TestStabilityResults:
+    """Continual-evaluation curves: summary metrics, curves.json, the stability table."""
+
+    BOUNDARIES = (150, 250)
+
+    def test_summary_holds_stability_metrics(self, tmp_path):
+        summary = report.write_run_results(tmp_path, name="r", R=R, b=B, curves=CURVES)
+        # CURVES (above): task 0 after it was learned: 0.7, 0.6; task 1: 0.5 (its 0.1 at step
+        # 100 predates learning it); current task 2 at the last step: 0.95.
+        assert summary["min_acc"] == pytest.approx(0.55)
+        assert summary["wc_acc"] == pytest.approx((0.95 + 0.6 + 0.5) / 3)
+        assert summary["wf_10"] is None  # 4 evaluations: shorter than the window
+        assert summary == report.run_summary(R, B, CURVES)
+        assert report.read_run_results(tmp_path)["summary"] == summary
+        assert "min_acc" not in report.run_summary(R, B)
+
+    def test_curves_json_round_trip(self, tmp_path):
+        report.write_run_results(tmp_path, name="r", R=R, curves=CURVES,
+                                 task_boundaries=self.BOUNDARIES)
+        doc = json.loads((tmp_path / "curves.json").read_text())
+        assert doc["steps"] == [0, 100, 200, 300]
+        assert doc["train_task"] == [0, 0, 1, 2]
+        assert doc["accuracy"] == [[0.1, None, None], [0.9, 0.1, None], [0.7, 0.8, None],
+                                   [0.6, 0.5, 0.95]]
+        assert doc["min_acc"][:2] == [None, None]
+        assert doc["wc_acc"][-1] == pytest.approx((0.95 + 0.6 + 0.5) / 3)
+        got = report.read_run_curves(tmp_path)
+        assert got["task_boundaries"] == list(self.BOUNDARIES)
+        assert sorted(got["points"]) == sorted(report.normalize_curves(CURVES))
+
+    def test_curves_read_from_csv_without_json(self, tmp_path):
+        report.write_run_results(tmp_path, name="r", R=R, curves=CURVES)
+        (tmp_path / "curves.json").unlink()
+        got = report.read_run_curves(tmp_path)
+        assert got["task_boundaries"] == [200, 300]  # first evaluated step of tasks 1 and 2
+        assert got["points"] == report.normalize_curves(CURVES)
+
+    def test_no_curves(self, tmp_path):
+        report.write_run_results(tmp_path, name="r", R=R)
+        assert not (tmp_path / "curves.json").exists()
+        assert report.read_run_curves(tmp_path) is None
+        assert report.read_run_curves(tmp_path / "missing") is None
+
+    def test_bad_boundaries_write_nothing(self, tmp_path):
+        with pytest.raises(ValueError, match=r"task_boundaries\[1\] must be >= 0"):
+            report.write_run_results(tmp_path / "r", name="r", R=R, curves=CURVES,
+                                     task_boundaries=[1, -5])
+        with pytest.raises(ValueError, match="two training tasks"):
+            report.write_run_results(tmp_path / "r", name="r", R=R,
+                                     curves=[(1, 0, 0, 0.5), (1, 1, 1, 0.5)])
+        assert not (tmp_path / "r").exists()
+
+    def test_stability_table(self):
+        runs = [
+            {"benchmark": "split", "method": "finetune", "acc": 0.2, "min_acc": 0.0,
+             "wc_acc": 0.19, "wf_10": 0.95, "wp_10": 0.9, "wf_100": None},
+            {"benchmark": "split", "method": "joint", "acc": 0.9},
+        ]
+        assert report.stability_table(runs) == (
+            "| benchmark | method | ACC | min-ACC | WC-ACC | WF^10 | WP^10 | WF^100 | WP^100 |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            "| split | finetune | 20.0 | 0.0 | 19.0 | 95.0 | 90.0 | – | – |\n"
+            "| split | joint | 90.0 | – | – | – | – | – | – |"
+        )
+        with pytest.raises(ValueError, match=r"runs\[0\]\['min_acc'\] must be a number"):
+            report.stability_table([{"min_acc": "low"}])
+
+
+class TestPlotCurveComparison:
+    def test_writes_png(self, tmp_path):
+        steps = np.arange(10)
+        panels = {
+            "task 0": {"finetune": (steps, np.linspace(1, 0, 10)), "joint": (steps, np.ones(10))},
+            "WC-ACC": {"finetune": (steps, np.r_[np.nan, np.linspace(0.5, 0.1, 9)])},
+        }
+        path = plots.plot_curve_comparison(panels, tmp_path / "f" / "c.png",
+                                           task_boundaries=[5], title="split")
+        assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+    @pytest.mark.parametrize("panels, match", [
+        ({}, "non-empty mapping"),
+        ({"a": {}}, r"panels\['a'\] must be a non-empty"),
+        ({"a": {"m": ([0, 1], [0.5])}}, "equal length"),
+        ({"a": {"m": ([0, 1], [50.0, 60.0])}}, "fractions"),
+        ({"a": {"m": 3}}, "pair of numbers"),
+    ])
+    def test_bad(self, tmp_path, panels, match):
+        with pytest.raises(ValueError, match=match):
+            plots.plot_curve_comparison(panels, tmp_path / "c.png")
+        with pytest.raises(ValueError, match="task_boundaries"):
+            plots.plot_curve_comparison({"a": {"m": ([0], [0.5])}}, tmp_path / "c.png",
+                                        task_boundaries=[float("nan")])

@@ -164,6 +164,22 @@ def test_reusing_a_workdir_with_another_config_is_refused(tmp_path):
     assert Checkpointer(os.path.join(workdir, "checkpoints")).latest() == latest
 
 
+def test_unused_method_and_model_sections_do_not_block_resuming(tmp_path):
+    """Registering a method (a new config.method.<name> section) keeps workdirs resumable."""
+    scenario = tiny_scenario()
+    workdir = str(tmp_path / "run")
+    first = train_continual(tiny_config(), workdir, scenario=scenario)
+    other = tiny_config()
+    other.method.ema.decay = 0.5  # a method this (finetune) run does not use
+    other.model.cnn.channels = (3, 5)  # a model it does not use
+    again = train_continual(other, workdir, scenario=scenario)
+    np.testing.assert_array_equal(first.accuracy_matrix, again.accuracy_matrix)
+    used = tiny_config()
+    used.model.mlp.widths = (8,)  # the model it does use
+    with pytest.raises(ValueError, match="different config.*model.mlp.widths"):
+        train_continual(used, workdir, scenario=scenario)
+
+
 def test_model_data_shape_mismatch_names_both_shapes():
     scenario = tiny_scenario()
     model = make_model("mlp", input_shape=(8, 8, 1), num_classes=4, widths=(8,), seed=0)

@@ -1,0 +1,273 @@
+r"""Elastic weight consolidation (EWC), online EWC and L2-to-anchor as optax transforms.
+
+Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017
+(https://arxiv.org/abs/1612.00796); online EWC: Schwarz et al., "Progress & Compress",
+ICML 2018 (https://arxiv.org/abs/1805.06370).
+
+**Convention (½ and scale).** The penalty, for a diagonal Fisher ``F`` and an anchor
+``θ*``, is
+
+.. math::
+
+    Ω(θ) = \frac{λ}{2} \sum_j F_j (θ_j − θ^*_j)^2, \qquad ∇Ω = λ\, F ⊙ (θ − θ^*),
+
+i.e. Kirkpatrick et al.'s ``½`` is included and the transforms add exactly
+``λ·F⊙(θ − θ*)`` to the incoming gradient (chain them *before* the optimizer, as
+``Method.transform`` does: then any optimizer sees the gradient of ``loss + Ω``). ``F`` is
+whatever :func:`clax.fisher.diagonal_fisher` (or the caller) provides. To reuse a ``λ`` from
+another library, match both the ``½`` and the Fisher estimator:
+
+* Avalanche ``EWCPlugin(ewc_lambda)`` adds ``ewc_lambda·Σ F(θ − θ*)²`` (no ½) with
+  ``F`` = empirical, ``granularity="batch"``, ``normalization="mean"``, batch size
+  ``train_mb_size``: use ``λ = 2·ewc_lambda`` with that Fisher.
+* GT-RIPL Continual-Learning-Benchmark ``EWC(reg_coef)`` adds ``reg_coef·Σ F(θ − θ*)²`` (no
+  ½) with ``F = B·`` (argmax labels, ``granularity="batch"``, ``normalization="mean"``):
+  use ``λ = 2·B·reg_coef`` with that Fisher; near a minimum ``B`` times the batch Fisher
+  is close to the per-example one, so ``λ ≈ 2·reg_coef`` with
+  ``diagonal_fisher(..., labels="argmax", granularity="example")``.
+  Its ``L2(reg_coef)`` is :func:`l2_penalty` with ``λ = 2·reg_coef``.
+
+**Several tasks.** Separate per-task penalties ``Σ_t (λ/2) Σ_j F_{t,j}(θ_j − θ*_{t,j})²``
+have gradient ``λ·(S_F ⊙ θ − S_{Fθ})`` with ``S_F = Σ_t F_t`` and ``S_{Fθ} = Σ_t F_t ⊙ θ*_t``,
+which is ``λ·S_F ⊙ (θ − θ̄*)`` with the Fisher-weighted anchor ``θ̄* = S_{Fθ} / S_F`` (any
+value where ``S_F = 0``). :func:`consolidate_ewc` keeps this fixed-capacity form
+(``mode="separate"``, as Avalanche's ``mode='separate'``) or the online one
+(``mode="online"``: ``F ← γ·F + F_new``, ``θ* ←`` latest parameters).
+
+The Fisher and anchor arrive as keyword extra args each step (``fisher=``, ``anchor=``),
+so they can live in a method's memory (``clax.methods.ewc``) or in user code; nothing
+task-specific is kept in the optimizer state (a per-task optimizer reset cannot erase it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src.base import NO_PARAMS_MSG
+
+from clax.fisher.estimators import check_fisher
+from clax.params.paths import check_same_structure
+
+PyTree = Any
+
+MODES = ("separate", "online")
+
+
+def _check_lam(lam: Any) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) \
+            or lam < 0:
+        raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def _check_decay(decay: Any) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise ValueError(f"decay (γ) must be a number in [0, 1], got {decay!r}")
+    return float(decay)
+
+
+def _is_scalar(x: Any) -> bool:
+    return not isinstance(x, (dict, list, tuple)) and jnp.ndim(x) == 0
+
+
+def _penalty_update(lam: float, fisher: PyTree | None, anchor: PyTree, updates: PyTree,
+                    params: PyTree) -> PyTree:
+    check_same_structure(anchor, params, names=("anchor", "params"))
+    if fisher is None or _is_scalar(fisher):
+        concrete = fisher is not None and not isinstance(fisher, jax.core.Tracer)
+        if concrete and not (float(fisher) >= 0 and math.isfinite(float(fisher))):
+            raise ValueError(f"a scalar fisher must be finite and >= 0, got {fisher!r}")
+        scale = lam if fisher is None else lam * jnp.asarray(fisher, jnp.float32)
+
+        def add(u, p, a):
+            return (u + (scale * (p - a)).astype(u.dtype)).astype(u.dtype)
+
+        return jax.tree.map(add, updates, params, anchor)
+    check_fisher(fisher, params)
+
+    def add_f(u, p, f, a):
+        return (u + (lam * f * (p - a)).astype(u.dtype)).astype(u.dtype)
+
+    return jax.tree.map(add_f, updates, params, fisher, anchor)
+
+
+def ewc_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
+    r"""Adds the EWC penalty gradient ``λ·F⊙(θ − θ*)`` to the updates.
+
+    ``update(updates, state, params, *, fisher, anchor)``:
+
+    .. math::  u ← u + λ\,F ⊙ (θ − θ^*)
+
+    the gradient of ``(λ/2) Σ F(θ − θ*)²`` (see the module docstring for the ½ and the
+    Fisher scale, and how separate per-task penalties reduce to one ``(F, θ*)``).
+
+    Args:
+        lam: ``λ >= 0``.
+
+    Returns:
+        A stateless ``GradientTransformationExtraArgs``. Its ``update`` requires ``params``
+        and the keyword extra args ``fisher`` (a tree like params, or a scalar applied to
+        every entry) and ``anchor`` (a tree like params). Other extra args are ignored.
+
+    Raises:
+        ValueError: On ``λ < 0``; at update time, when ``params`` is None, ``fisher`` or
+            ``anchor`` is missing or differs in structure/shape from params (naming the
+            leaf path), or a concrete ``fisher`` has a negative or non-finite entry
+            (naming the leaf path; traced values are not checked).
+    """
+    lam = _check_lam(lam)
+
+    def init_fn(params: PyTree) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, fisher=None, anchor=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(NO_PARAMS_MSG)
+        if fisher is None or anchor is None:
+            raise ValueError(
+                "ewc_penalty needs the keyword extra args fisher= and anchor= "
+                "(tx.update(grads, state, params, fisher=F, anchor=theta_star))"
+            )
+        return _penalty_update(lam, fisher, anchor, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def l2_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
+    r"""Adds ``λ·(θ − θ*)``: the gradient of ``(λ/2)‖θ − θ*‖²`` (L2 to an anchor).
+
+    The rehearsal-free "L2" baseline (EWC with ``F = 1``). GT-RIPL's ``L2(reg_coef)``, which
+    adds ``reg_coef·‖θ − θ*‖²`` with the latest task's parameters as anchor, is
+    ``λ = 2·reg_coef``.
+
+    Args:
+        lam: ``λ >= 0``.
+
+    Returns:
+        A stateless ``GradientTransformationExtraArgs``; ``update`` requires ``params`` and
+        the keyword extra arg ``anchor`` (a tree like params).
+
+    Raises:
+        ValueError: On ``λ < 0``; at update time, on missing params/anchor or an anchor
+            whose structure differs from params (naming the leaf path).
+    """
+    lam = _check_lam(lam)
+
+    def init_fn(params: PyTree) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, anchor=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(NO_PARAMS_MSG)
+        if anchor is None:
+            raise ValueError("l2_penalty needs the keyword extra arg anchor=")
+        return _penalty_update(lam, None, anchor, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ewc_penalty_value(params: PyTree, fisher: PyTree, anchor: PyTree, *, lam: float
+                      ) -> jax.Array:
+    """``(λ/2)·Σ F⊙(θ − θ*)²``, the penalty whose gradient :func:`ewc_penalty` adds."""
+    lam = _check_lam(lam)
+    terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p - a)), params, fisher, anchor)
+    return 0.5 * lam * sum(jax.tree.leaves(terms))
+
+
+# --------------------------------------------------------------------------- consolidation
+
+
+class EWCMemory(NamedTuple):
+    """Fixed-capacity EWC memory: the ``(F, θ*)`` passed to :func:`ewc_penalty`.
+
+    ``mode="separate"``: ``fisher = S_F = Σ_t F_t``, ``anchor = θ̄* = S_{Fθ}/S_F`` (``θ*`` of
+    the latest task where ``S_F = 0``), ``weighted_anchor = S_{Fθ} = Σ_t F_t⊙θ*_t``.
+    ``mode="online"``: ``fisher = Σ_t γ^{T−t} F_t``, ``anchor`` = latest parameters,
+    ``weighted_anchor = ()``. Before the first consolidation everything is zero (no penalty).
+    """
+
+    fisher: PyTree  # float32, like params
+    anchor: PyTree  # like params (same dtypes)
+    weighted_anchor: PyTree  # float32, like params ("separate"); () ("online")
+    count: jax.Array  # int32 (): consolidations so far
+
+
+def init_ewc_memory(params: PyTree, *, mode: str = "separate") -> EWCMemory:
+    """Empty :class:`EWCMemory` for `params` (zero Fisher: no penalty yet)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return EWCMemory(
+        fisher=zeros,
+        anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
+        weighted_anchor=jax.tree.map(jnp.copy, zeros) if mode == "separate" else (),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+@jax.jit
+def _consolidate_separate(memory: EWCMemory, fisher: PyTree, params: PyTree) -> EWCMemory:
+    total = jax.tree.map(jnp.add, memory.fisher, fisher)
+    weighted = jax.tree.map(lambda w, f, p: w + f * p.astype(jnp.float32),
+                            memory.weighted_anchor, fisher, params)
+
+    def anchor(s, w, p):
+        return jnp.where(s > 0, w / jnp.where(s > 0, s, 1.0), p.astype(jnp.float32)
+                         ).astype(p.dtype)
+
+    return EWCMemory(fisher=total, anchor=jax.tree.map(anchor, total, weighted, params),
+                     weighted_anchor=weighted, count=memory.count + 1)
+
+
+@jax.jit
+def _consolidate_online(memory: EWCMemory, fisher: PyTree, params: PyTree, decay) -> EWCMemory:
+    total = jax.tree.map(lambda old, new: decay * old + new, memory.fisher, fisher)
+    return EWCMemory(fisher=total, anchor=jax.tree.map(jnp.copy, params), weighted_anchor=(),
+                     count=memory.count + 1)
+
+
+def consolidate_ewc(
+    memory: EWCMemory, fisher: PyTree, params: PyTree, *, mode: str = "separate",
+    decay: float = 1.0,
+) -> EWCMemory:
+    r"""Adds a finished task's Fisher ``F_new`` and parameters ``θ`` to the memory (pure).
+
+    * ``"separate"``: ``S_F ← S_F + F_new``, ``S_{Fθ} ← S_{Fθ} + F_new⊙θ``,
+      ``θ̄* = S_{Fθ}/S_F``; the penalty gradient ``λ·S_F⊙(θ − θ̄*)`` equals the sum of the
+      per-task ones, ``λ·Σ_t F_t⊙(θ − θ*_t)``, with memory independent of the task count.
+    * ``"online"``: ``F ← γ·F + F_new`` and ``θ* ← θ`` (Schwarz et al. 2018; Avalanche's
+      ``decay_factor``; GT-RIPL's ``EWC_online`` is ``γ = 1``).
+
+    Args:
+        memory: From :func:`init_ewc_memory` (same ``mode``) or a previous consolidation.
+        fisher: ``F_new``, a non-negative finite tree like params.
+        params: ``θ`` at the end of the task.
+        mode: ``"separate"`` or ``"online"``.
+        decay: ``γ ∈ [0, 1]`` (``"online"`` only).
+
+    Returns:
+        The new memory, same structure, shapes and dtypes.
+
+    Raises:
+        ValueError: On a bad mode or ``γ``; on a Fisher whose structure differs from params
+            or with negative / non-finite entries (naming the leaf path).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    decay = _check_decay(decay)
+    check_fisher(fisher, params, name="fisher")
+    check_same_structure(memory.fisher, params, names=("memory.fisher", "params"))
+    fisher = jax.tree.map(lambda f: jnp.asarray(f, jnp.float32), fisher)
+    if mode == "separate":
+        if memory.weighted_anchor == ():
+            raise ValueError('memory was made for mode="online"; it has no weighted_anchor')
+        return _consolidate_separate(memory, fisher, params)
+    return _consolidate_online(memory, fisher, params, jnp.float32(decay))

@@ -1,0 +1,124 @@
+"""Tests for clax.methods.ewc: the ewc / online_ewc / l2 consolidation hooks and extra args."""
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clax.fisher import diagonal_fisher
+from clax.models import make_model
+from clax.training import make_method
+from clax.training.method import BoundaryContext, TrainArrays, TrainState
+from clax.training.model_fns import ModelFns
+
+N = 40
+
+
+@functools.cache
+def _setup():
+    model = make_model("mlp", input_shape=(4, 4, 1), num_classes=3, widths=(5,), seed=0)
+    fns, params, model_state = ModelFns.split(model)
+    rng = np.random.default_rng(0)
+    tasks = [TrainArrays(rng.normal(size=(N, 4, 4, 1)).astype(np.float32),
+                         rng.integers(0, 3, N).astype(np.int32), np.zeros(N, np.int32))
+             for _ in range(2)]
+    # Parameters "after" each task: perturbed copies.
+    thetas = [jax.tree.map(lambda p, k=k: p + 0.1 * k, params) for k in range(2)]
+    return fns, params, model_state, tasks, thetas
+
+
+def _state(method, params, model_state):
+    tx = method.optimizer(optax.sgd(0.1))
+    return TrainState(params=params, model_state=model_state, opt_state=tx.init(params),
+                      memory=method.init_memory(params), rng=jax.random.key(0),
+                      step=jnp.zeros((), jnp.int32))
+
+
+def _ctx(fns, t, data):
+    return BoundaryContext(task_index=t, tasks=(), train=data, model=fns,
+                           steps=types.SimpleNamespace(logit_masks=None),
+                           rng=jax.random.key(100 + t), config=None)
+
+
+def _task_fisher(fns, params, model_state, data, t):
+    # What the hook computes: the true Fisher with the second half of the boundary key.
+    _, key = jax.random.split(jax.random.key(100 + t))
+    return diagonal_fisher(fns, params, data, model_state=model_state, labels="true", key=key)
+
+
+def _close(a, b):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
+
+
+@pytest.mark.parametrize("name", ["ewc", "online_ewc"])
+def test_consolidation_accumulates_task_fishers(name):
+    fns, params, model_state, tasks, thetas = _setup()
+    gamma = 0.5
+    method = make_method(name, lam=2.0, **({"decay": gamma} if name == "online_ewc" else {}))
+    state = _state(method, params, model_state)
+    fishers = []
+    for t in range(2):
+        state = state._replace(params=thetas[t])
+        state = method.consolidate(state, _ctx(fns, t, tasks[t]))
+        fishers.append(_task_fisher(fns, thetas[t], model_state, tasks[t], t))
+    memory = state.memory
+    assert int(memory.count) == 2
+    args = method.extra_args(types.SimpleNamespace(memory=memory))
+    assert set(args) == {"fisher", "anchor"}
+    if name == "ewc":
+        # λ·S_F⊙(θ − θ̄*) equals the sum of the two per-task penalty gradients.
+        _close(memory.fisher, jax.tree.map(jnp.add, *fishers))
+        got = jax.tree.map(lambda f, a, p: f * (p - a), args["fisher"], args["anchor"], params)
+        want = jax.tree.map(lambda f1, f2, a1, a2, p: f1 * (p - a1) + f2 * (p - a2),
+                            *fishers, *thetas, params)
+        _close(got, want)
+    else:
+        _close(memory.fisher, jax.tree.map(lambda a, b: gamma * a + b, *fishers))
+        jax.tree.map(np.testing.assert_array_equal, memory.anchor, thetas[1])
+
+
+def test_fisher_subset_is_deterministic_and_bounded():
+    fns, params, model_state, tasks, _ = _setup()
+    method = make_method("ewc", fisher_max_examples=7, fisher_labels="empirical",
+                         fisher_granularity="batch", fisher_batch_size=4)
+    runs = [method.consolidate(_state(method, params, model_state), _ctx(fns, 0, tasks[0]))
+            for _ in range(2)]
+    jax.tree.map(np.testing.assert_array_equal, runs[0].memory.fisher, runs[1].memory.fisher)
+    full = make_method("ewc", fisher_labels="empirical", fisher_granularity="batch",
+                       fisher_batch_size=4)
+    everything = full.consolidate(_state(full, params, model_state), _ctx(fns, 0, tasks[0]))
+    assert any(not np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(runs[0].memory.fisher), jax.tree.leaves(everything.memory.fisher)))
+
+
+def test_l2_penalises_only_after_the_first_task():
+    fns, params, model_state, tasks, thetas = _setup()
+    method = make_method("l2", lam=0.5)
+    state = _state(method, params, model_state)
+    before = method.extra_args(types.SimpleNamespace(memory=state.memory))
+    assert float(before["fisher"]) == 0.0
+    state = method.consolidate(state._replace(params=thetas[1]), _ctx(fns, 0, tasks[0]))
+    after = method.extra_args(types.SimpleNamespace(memory=state.memory))
+    assert float(after["fisher"]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, after["anchor"], thetas[1])
+    tx = method.transform
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params, **after)
+    _close(updates, jax.tree.map(lambda p, a: 0.5 * (p - a), params, thetas[1]))
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match="lam"):
+        make_method("ewc", lam=-1.0)
+    with pytest.raises(ValueError, match="decay"):
+        make_method("online_ewc", decay=1.5)
+    with pytest.raises(ValueError, match="fisher_labels"):
+        make_method("ewc", fisher_labels="model")
+    with pytest.raises(ValueError, match="fisher_granularity"):
+        make_method("online_ewc", fisher_granularity="sample")
+    with pytest.raises(ValueError, match="fisher_max_examples"):
+        make_method("ewc", fisher_max_examples=-1)

@@ -1,0 +1,131 @@
+"""Tests for clax.transforms.ewc: EWC / online EWC / L2 penalty transforms and consolidation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clax.transforms import (
+    consolidate_ewc,
+    ewc_penalty,
+    ewc_penalty_value,
+    init_ewc_memory,
+    l2_penalty,
+)
+
+
+def _tree(seed, positive=False):
+    rng = np.random.default_rng(seed)
+    make = (lambda s: rng.uniform(0, 2, s)) if positive else (lambda s: rng.normal(size=s))
+    return {"dense": {"kernel": jnp.asarray(make((3, 4)), jnp.float32),
+                      "bias": jnp.asarray(make((4,)), jnp.float32)},
+            "scale": jnp.asarray(make((2,)), jnp.float32)}
+
+
+PARAMS, ANCHOR, GRADS = _tree(0), _tree(1), _tree(2)
+FISHER = _tree(3, positive=True)
+
+
+def _close(a, b):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_update_is_gradient_of_penalty():
+    lam = 3.5
+    tx = ewc_penalty(lam=lam)
+    updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, fisher=FISHER, anchor=ANCHOR)
+    penalty_grad = jax.grad(lambda p: ewc_penalty_value(p, FISHER, ANCHOR, lam=lam))(PARAMS)
+    _close(updates, jax.tree.map(jnp.add, GRADS, penalty_grad))
+    # numpy reference of the value: (λ/2) Σ F (θ − θ*)², with the ½.
+    value = 0.5 * lam * sum(np.sum(np.asarray(f) * (np.asarray(p) - np.asarray(a)) ** 2)
+                            for f, p, a in zip(*map(jax.tree.leaves, (FISHER, PARAMS, ANCHOR))))
+    np.testing.assert_allclose(ewc_penalty_value(PARAMS, FISHER, ANCHOR, lam=lam), value,
+                               rtol=1e-5)
+
+
+def test_l2_and_scalar_fisher_are_gradient_of_half_squared_distance():
+    lam = 0.7
+    expected = jax.grad(lambda p: 0.5 * lam * sum(
+        jnp.sum((u - v) ** 2) for u, v in zip(jax.tree.leaves(p), jax.tree.leaves(ANCHOR))))(
+        PARAMS)
+    zeros = jax.tree.map(jnp.zeros_like, GRADS)
+    tx = l2_penalty(lam=lam)
+    _close(tx.update(zeros, tx.init(PARAMS), PARAMS, anchor=ANCHOR)[0], expected)
+    tx = ewc_penalty(lam=lam)
+    _close(tx.update(zeros, tx.init(PARAMS), PARAMS, fisher=jnp.float32(1), anchor=ANCHOR)[0],
+           expected)
+
+
+def test_chained_before_sgd_under_jit_is_sgd_on_penalised_loss():
+    lam, lr = 2.0, 0.1
+    tx = optax.chain(ewc_penalty(lam=lam), optax.sgd(lr))
+    state = tx.init(PARAMS)
+    step = jax.jit(lambda g, s, p, f, a: tx.update(g, s, p, fisher=f, anchor=a, other=1))
+    updates, _ = step(GRADS, state, PARAMS, FISHER, ANCHOR)
+    expected = jax.tree.map(lambda g, p, f, a: -lr * (g + lam * f * (p - a)),
+                            GRADS, PARAMS, FISHER, ANCHOR)
+    _close(updates, expected)
+
+
+def test_separate_consolidation_equals_sum_of_per_task_penalties():
+    lam = 1.3
+    tasks = [(_tree(10 + t, positive=True), _tree(20 + t)) for t in range(3)]
+    memory = init_ewc_memory(PARAMS, mode="separate")
+    for fisher, theta in tasks:
+        memory = consolidate_ewc(memory, fisher, theta, mode="separate")
+    assert int(memory.count) == 3
+    tx = ewc_penalty(lam=lam)
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    got, _ = tx.update(zeros, tx.init(PARAMS), PARAMS, fisher=memory.fisher,
+                       anchor=memory.anchor)
+    expected = jax.grad(lambda p: sum(ewc_penalty_value(p, f, a, lam=lam) for f, a in tasks))(
+        PARAMS)
+    _close(got, expected)
+    _close(memory.fisher, jax.tree.map(lambda *f: sum(f), *[f for f, _ in tasks]))
+
+
+def test_online_consolidation_decays_and_keeps_latest_anchor():
+    gamma = 0.5
+    memory = init_ewc_memory(PARAMS, mode="online")
+    assert memory.weighted_anchor == ()
+    f1, f2 = _tree(11, positive=True), _tree(12, positive=True)
+    memory = consolidate_ewc(memory, f1, ANCHOR, mode="online", decay=gamma)
+    memory = consolidate_ewc(memory, f2, GRADS, mode="online", decay=gamma)
+    _close(memory.fisher, jax.tree.map(lambda a, b: gamma * a + b, f1, f2))
+    jax.tree.map(np.testing.assert_array_equal, memory.anchor, GRADS)
+    # Same structure, shapes and dtypes as the initial memory (fixed capacity).
+    init = init_ewc_memory(PARAMS, mode="online")
+    assert jax.tree.structure(memory) == jax.tree.structure(init)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(memory)] == \
+        [(x.shape, x.dtype) for x in jax.tree.leaves(init)]
+
+
+def test_bad_input_names_the_leaf_path():
+    with pytest.raises(ValueError, match="lam"):
+        ewc_penalty(lam=-1.0)
+    with pytest.raises(ValueError, match="lam"):
+        l2_penalty(lam=float("nan"))
+    tx = ewc_penalty(lam=1.0)
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match="fisher= and anchor="):
+        tx.update(GRADS, state, PARAMS, anchor=ANCHOR)
+    missing = {"dense": FISHER["dense"]}
+    with pytest.raises(ValueError, match="scale"):
+        tx.update(GRADS, state, PARAMS, fisher=missing, anchor=ANCHOR)
+    wrong_shape = {**FISHER, "scale": jnp.ones(3)}
+    with pytest.raises(ValueError, match="scale.*shape"):
+        tx.update(GRADS, state, PARAMS, fisher=wrong_shape, anchor=ANCHOR)
+    negative = {**FISHER, "dense": {**FISHER["dense"], "bias": -FISHER["dense"]["bias"]}}
+    with pytest.raises(ValueError, match="dense/bias.*negative"):
+        tx.update(GRADS, state, PARAMS, fisher=negative, anchor=ANCHOR)
+    nan = {**FISHER, "scale": jnp.array([jnp.nan, 1.0])}
+    with pytest.raises(ValueError, match="scale.*non-finite"):
+        tx.update(GRADS, state, PARAMS, fisher=nan, anchor=ANCHOR)
+    memory = init_ewc_memory(PARAMS, mode="online")
+    with pytest.raises(ValueError, match="decay"):
+        consolidate_ewc(memory, FISHER, PARAMS, mode="online", decay=1.5)
+    with pytest.raises(ValueError, match="dense/bias.*negative"):
+        consolidate_ewc(memory, negative, PARAMS, mode="online")
+    with pytest.raises(ValueError, match="mode"):
+        init_ewc_memory(PARAMS, mode="sum")
