@@ -40,6 +40,7 @@ from clax.edits import (
     lines_merge,
     lines_scale,
     ssd_dampen,
+    ssd_search_alpha,
     weight_averaging,
 )
 from clax.fisher import diagonal_fisher
@@ -130,6 +131,7 @@ __all__ = [
     "replay",
     "slow_learner",
     "ssd_dampen",
+    "ssd_search_alpha",
     "subspace",
     "subspace_projection",
     "train_continual",

@@ -12,11 +12,18 @@ Protocol (Foster et al., AAAI 2024, full-class forgetting; ``clax.edits.ssd``):
    batch-mean loss, averaged over batches (``granularity="batch"``), batch size 64, model
    in evaluation mode, on the full training set ``D`` and on ``D_f``; then every parameter
    entry with ``F_f > α·F_D`` is multiplied by ``min(λ·F_D/F_f, 1)`` (λ = 1, α = 10).
-3. Reference: the same network retrained from scratch on the retain set (all training
+3. clax's α search (``clax.edits.ssd_search_alpha``, ``--search_target``, not in the
+   paper): from the same two Fishers, the largest α whose edited model has forget-train
+   accuracy <= the target (0.01); only forget-train data is evaluated.
+4. Reference: the same network retrained from scratch on the retain set (all training
    examples not of class ``c``), same epochs and settings.
-4. Metrics (``clax.metrics.unlearning``): accuracy on forget/retain test and train data,
+5. Metrics (``clax.metrics.unlearning``): accuracy on forget/retain test and train data,
    and the membership-inference score (balanced logistic regression on the output entropy,
    retain-train vs test, applied to forget-train); gaps to the retrained model.
+
+``--sweep_alphas``, ``--sweep_fisher_batch_sizes`` and ``--sweep_example_alphas`` add a
+sensitivity table: SSD from the same original model at every (Fisher granularity, batch
+size, α), which shows why α = 10 is not a universal setting (see ``clax.edits.ssd``).
 
 Times: ``ssd_s`` is the whole SSD edit (both Fisher passes and the dampening) measured on a
 second, compiled run; ``ssd_first_s`` includes compilation. ``retrain_s`` is the training
@@ -38,7 +45,7 @@ import optax
 from absl import app, flags
 
 from clax.data import load_source
-from clax.edits import ssd_dampen
+from clax.edits import ssd_dampen, ssd_search_alpha
 from clax.fisher import diagonal_fisher
 from clax.metrics.unlearning import UnlearningSplit, reference_gap, unlearning_metrics
 from clax.models import make_model
@@ -66,6 +73,15 @@ class Settings:
     alpha: float = 10.0
     lam: float = 1.0
     fisher_batch_size: int = 64
+    # Sensitivity sweep (empty = none): SSD re-applied from the same original model with
+    # each α and each Fisher batch size (batch granularity), and with each
+    # `sweep_example_alphas` on the exact per-example Fisher.
+    sweep_alphas: tuple[float, ...] = ()
+    sweep_fisher_batch_sizes: tuple[int, ...] = ()
+    sweep_example_alphas: tuple[float, ...] = ()
+    # clax's α search (`ssd_search_alpha`): the largest α whose forget-train accuracy is
+    # <= this target; < 0 turns it off.
+    search_target: float = 0.01
 
 
 def _subsample(x, y, n, seed):
@@ -109,29 +125,83 @@ def make_predict(fns: ModelFns, params, model_state):
     return lambda x: np.asarray(apply(params, model_state, jnp.asarray(x)))
 
 
+def importances(fns, params, model_state, x, y, *, granularity="batch", batch_size=64):
+    """SSD's importance: empirical Fisher, mean-normalised, model in evaluation mode."""
+    return diagonal_fisher(fns, params, (x, y), model_state=model_state, labels="empirical",
+                           granularity=granularity, normalization="mean",
+                           batch_size=batch_size)
+
+
 def ssd_unlearn(s: Settings, fns, params, model_state, x_full, y_full, x_forget, y_forget):
     """SSD's importances (batch-granularity empirical Fisher) and the dampening edit."""
-    kw = {"model_state": model_state, "labels": "empirical", "granularity": "batch",
-          "normalization": "mean", "batch_size": s.fisher_batch_size}
-    fisher_full = diagonal_fisher(fns, params, (x_full, y_full), **kw)
-    fisher_forget = diagonal_fisher(fns, params, (x_forget, y_forget), **kw)
+    fisher_full = importances(fns, params, model_state, x_full, y_full,
+                              batch_size=s.fisher_batch_size)
+    fisher_forget = importances(fns, params, model_state, x_forget, y_forget,
+                                batch_size=s.fisher_batch_size)
     new_params, report = ssd_dampen(params, fisher_full, fisher_forget, alpha=s.alpha,
                                     lam=s.lam)
     jax.block_until_ready(new_params)
-    return new_params, report
+    return new_params, report, fisher_full, fisher_forget
+
+
+def search_alpha(s: Settings, fns, params, model_state, fisher_full, fisher_forget,
+                 x_forget, y_forget):
+    """``ssd_search_alpha`` judged by forget-*train* accuracy only (no retain/test data)."""
+    def forget_accuracy(new_params):
+        return float(np.mean(make_predict(fns, new_params, model_state)(x_forget).argmax(-1)
+                             == y_forget))
+
+    return ssd_search_alpha(params, fisher_full, fisher_forget, lam=s.lam,
+                            forget_accuracy=forget_accuracy, target=s.search_target)
 
 
 def _pct(m: dict[str, float]) -> dict[str, float]:
     return {k: round(100 * v, 2) for k, v in m.items()}
 
 
+def sweep_settings(s: Settings) -> list[tuple[str, int, float]]:
+    """``(granularity, fisher batch size, α)`` of every sweep point, in table order."""
+    points = [("batch", b, a) for b in s.sweep_fisher_batch_sizes for a in s.sweep_alphas]
+    return points + [("example", s.fisher_batch_size, a) for a in s.sweep_example_alphas]
+
+
+def sensitivity(s: Settings, fns, params, model_state, xtr, ytr, split: UnlearningSplit,
+                full_cache: dict) -> list[dict[str, Any]]:
+    """SSD from the same original model at every sweep point (λ = ``s.lam``).
+
+    The full-data importance depends only on (granularity, batch size), so it is computed
+    once per run (``full_cache``) and shared by all forget classes.
+    """
+    rows, forget_cache = [], {}
+    for granularity, b, alpha in sweep_settings(s):
+        key = (granularity, b)
+        if key not in full_cache:
+            full_cache[key] = importances(fns, params, model_state, xtr, ytr,
+                                          granularity=granularity, batch_size=b)
+        if key not in forget_cache:
+            forget_cache[key] = importances(fns, params, model_state, *split.forget_train,
+                                            granularity=granularity, batch_size=b)
+        new_params, report = ssd_dampen(params, full_cache[key], forget_cache[key],
+                                        alpha=alpha, lam=s.lam)
+        m = _pct(unlearning_metrics(make_predict(fns, new_params, model_state), split))
+        rows.append({"granularity": granularity, "fisher_batch_size": b, "alpha": alpha,
+                     "lam": s.lam, **m, "num_dampened": report.num_dampened,
+                     "dampened": report.dampened})
+        print(f"  sweep {granularity} B={b} α={alpha:g}: forget test {m['forget_test_acc']:.1f}"
+              f" retain test {m['retain_test_acc']:.1f} dampened {report.num_dampened}",
+              flush=True)
+    return rows
+
+
 def run(s: Settings) -> dict[str, Any]:
     """Trains once, then forgets each class of ``s.forget_classes``; returns the results."""
     xtr, ytr, xte, yte, num_classes = load_data(s)
     fns, params, model_state, train_s = train(s, xtr, ytr, num_classes, seed=s.seed)
+    print(f"trained the original model in {train_s:.1f} s", flush=True)
     original_predict = make_predict(fns, params, model_state)
     results = {"settings": dataclasses.asdict(s), "train_s": train_s,
                "num_train": len(ytr), "num_test": len(yte), "classes": []}
+    full_cache: dict = {}
     for c in s.forget_classes:
         f_tr, f_te = ytr == c, yte == c
         split = UnlearningSplit((xtr[f_tr], ytr[f_tr]), (xtr[~f_tr], ytr[~f_tr]),
@@ -142,14 +212,35 @@ def run(s: Settings) -> dict[str, Any]:
         ssd_unlearn(s, fns, params, model_state, xtr, ytr, *split.forget_train)
         ssd_first_s = time.perf_counter() - start
         start = time.perf_counter()
-        new_params, report = ssd_unlearn(s, fns, params, model_state, xtr, ytr,
-                                         *split.forget_train)
+        new_params, report, fisher_full, fisher_forget = ssd_unlearn(
+            s, fns, params, model_state, xtr, ytr, *split.forget_train)
         ssd_s = time.perf_counter() - start
         unlearned = unlearning_metrics(make_predict(fns, new_params, model_state), split)
+        searched = None
+        if s.search_target >= 0:
+            start = time.perf_counter()
+            found = search_alpha(s, fns, params, model_state, fisher_full, fisher_forget,
+                                 *split.forget_train)
+            search_s = time.perf_counter() - start
+            searched = {
+                "metrics": _pct(unlearning_metrics(
+                    make_predict(fns, found.params, model_state), split)),
+                "alpha": found.alpha, "reached": found.reached, "search_s": search_s,
+                "trace": [{"alpha": a, "forget_train_acc": round(100 * acc, 2),
+                           "num_dampened": n} for a, acc, n in found.trace],
+                "num_dampened": found.report.num_dampened,
+                "dampened": found.report.dampened,
+            }
+            print(f"  α search: α = {found.alpha:g} (reached: {found.reached}), forget test "
+                  f"{searched['metrics']['forget_test_acc']:.1f}, retain test "
+                  f"{searched['metrics']['retain_test_acc']:.1f}, {search_s:.1f} s", flush=True)
 
         r_fns, r_params, r_state, retrain_s = train(s, *split.retain_train, num_classes,
                                                     seed=s.seed)
         retrained = unlearning_metrics(make_predict(r_fns, r_params, r_state), split)
+        print(f"class {c}: SSD {ssd_s:.1f} s (forget test acc {original['forget_test_acc']:.3f}"
+              f" -> {unlearned['forget_test_acc']:.3f}), retrained in {retrain_s:.1f} s",
+              flush=True)
         results["classes"].append({
             "forget_class": int(c),
             "num_forget_train": int(f_tr.sum()),
@@ -165,6 +256,8 @@ def run(s: Settings) -> dict[str, Any]:
             "total": report.total,
             "num_dampened": report.num_dampened,
             "num_params": report.num_total,
+            "ssd_search": searched,
+            "sweep": sensitivity(s, fns, params, model_state, xtr, ytr, split, full_cache),
         })
     return results
 
@@ -184,9 +277,15 @@ def markdown(results: dict[str, Any], command: str, device: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["classes"]:
-        for name, time_s in (("original", results["train_s"]), ("ssd", r["ssd_s"]),
-                             ("retrain", r["retrain_s"])):
-            m = r[name]
+        rows = [("original", r["original"], results["train_s"]),
+                ("ssd", r["ssd"], r["ssd_s"])]
+        if r.get("ssd_search"):
+            q = r["ssd_search"]
+            rows.append((f"ssd, α search → {q['alpha']:g}" + ("" if q["reached"] else
+                                                              " (target not reached)"),
+                         q["metrics"], r["ssd_s"] + q["search_s"]))
+        rows.append(("retrain", r["retrain"], r["retrain_s"]))
+        for name, m, time_s in rows:
             lines.append(
                 f"| {r['forget_class']} | {name} | {m['forget_test_acc']:.1f} | "
                 f"{m['retain_test_acc']:.1f} | {m['forget_train_acc']:.1f} | "
@@ -202,7 +301,41 @@ def markdown(results: dict[str, Any], command: str, device: str) -> str:
               "with compilation: " + ", ".join(
                   f"class {r['forget_class']} {r['ssd_first_s']:.1f} s"
                   for r in results["classes"]) + "."]
+    if any(r.get("ssd_search") for r in results["classes"]):
+        lines += ["", "α search (clax's `ssd_search_alpha`, not in the SSD paper): from the "
+                  "same Fishers, α is tried from 1000 down and the first whose "
+                  "forget-*train* accuracy is <= "
+                  f"{100 * s['search_target']:g} % is kept (only forget-train data is "
+                  "evaluated); its time adds the search to the SSD time. Trace (α: "
+                  "forget-train accuracy %):"]
+        for r in results["classes"]:
+            trace = ", ".join(f"{t['alpha']:g}: {t['forget_train_acc']:.1f}"
+                              for t in r["ssd_search"]["trace"])
+            lines.append(f"- class {r['forget_class']}: {trace}")
+    if any(r["sweep"] for r in results["classes"]):
+        lines += sweep_markdown(results)
     return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(results: dict[str, Any]) -> list[str]:
+    """The sensitivity table: forget/retain test accuracy and dampened fraction per point."""
+    classes = results["classes"]
+    n = classes[0]["num_params"]
+    lines = ["", f"Sensitivity (same original model, λ = {results['settings']['lam']}): "
+             "forget test / retain test accuracy (%), and the percentage of parameter "
+             "entries dampened, per forget class.", "",
+             "| Fisher | batch | α | " + " | ".join(
+                 f"class {r['forget_class']}" for r in classes) + " |",
+             "|---|---|---|" + "---|" * len(classes)]
+    for i, p in enumerate(classes[0]["sweep"]):
+        cells = []
+        for r in classes:
+            q = r["sweep"][i]
+            cells.append(f"{q['forget_test_acc']:.1f} / {q['retain_test_acc']:.1f} "
+                         f"({100 * q['num_dampened'] / n:.2f} %)")
+        lines.append(f"| {p['granularity']} | {p['fisher_batch_size']} | {p['alpha']:g} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- flags
@@ -223,6 +356,13 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha", 10.0, "SSD selection weighting α.")
     flags.DEFINE_float("lam", 1.0, "SSD dampening constant λ.")
     flags.DEFINE_integer("fisher_batch_size", 64, "Batch size of the Fisher passes.")
+    flags.DEFINE_list("sweep_alphas", [], "Sensitivity sweep: α values (batch Fisher).")
+    flags.DEFINE_list("sweep_fisher_batch_sizes", [],
+                      "Sensitivity sweep: Fisher batch sizes (batch Fisher).")
+    flags.DEFINE_list("sweep_example_alphas", [],
+                      "Sensitivity sweep: α values on the exact per-example Fisher.")
+    flags.DEFINE_float("search_target", 0.01,
+                       "α search: largest α with forget-train accuracy <= this (< 0: off).")
     flags.DEFINE_string("out", "benchmarks/results/unlearn_ssd.json",
                         "JSON output ('' = none); a .md table is written beside it.")
 
@@ -237,6 +377,10 @@ def main(argv):
         forget_classes=tuple(int(c) for c in FLAGS.forget_classes), epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
         alpha=FLAGS.alpha, lam=FLAGS.lam, fisher_batch_size=FLAGS.fisher_batch_size,
+        sweep_alphas=tuple(float(a) for a in FLAGS.sweep_alphas),
+        sweep_fisher_batch_sizes=tuple(int(b) for b in FLAGS.sweep_fisher_batch_sizes),
+        sweep_example_alphas=tuple(float(a) for a in FLAGS.sweep_example_alphas),
+        search_target=FLAGS.search_target,
     )
     command = "python -m experiments.unlearn_ssd " + " ".join(
         f"--{name}={','.join(map(str, v)) if isinstance(v, tuple) else v}"

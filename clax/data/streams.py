@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from clax._validation import check_unit_interval
 from clax.data.dataset import Dataset
 from clax.data.scenarios import (
     SCENARIOS,
@@ -59,16 +60,6 @@ _EPS = 1e-9
 
 # --------------------------------------------------------------------------------------
 # Checks and helpers
-
-
-def _check_share(value: Any, arg: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not 0.0 <= float(value) <= 1.0
-    ):
-        raise ValueError(f"{arg} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _check_positive_int(value: Any, arg: str) -> int:
@@ -202,8 +193,8 @@ def blurry_split(
     """
     y, C = _check_labels(labels, num_classes)
     T = _check_num_tasks(num_tasks)
-    d = _check_share(disjoint_share, "disjoint_share")
-    m = _check_share(blurry_share, "blurry_share")
+    d = check_unit_interval("disjoint_share", disjoint_share)
+    m = check_unit_interval("blurry_share", blurry_share)
     if T > C:
         raise ValueError(
             f"num_tasks={T} is more than the {C} classes (num_classes): every task of a "
@@ -369,7 +360,7 @@ def recurring_split(
     y, C = _check_labels(labels, num_classes)
     T = _check_num_tasks(num_tasks)
     k = _check_positive_int(classes_per_task, "classes_per_task")
-    r = _check_share(recurrence, "recurrence")
+    r = check_unit_interval("recurrence", recurrence)
     if k > C:
         raise ValueError(
             f"classes_per_task={k} is more than the {C} classes (num_classes)"

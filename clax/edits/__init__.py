@@ -15,10 +15,11 @@ from clax.edits.lines import (
     merge_alpha,
     scale_task_vector,
 )
-from clax.edits.ssd import SSDReport, ssd_apply, ssd_dampen
+from clax.edits.ssd import SSDReport, SSDSearchResult, ssd_apply, ssd_dampen, ssd_search_alpha
 
 __all__ = [
     "SSDReport",
+    "SSDSearchResult",
     "WeightAveragingState",
     "average",
     "averaged_params",
@@ -31,5 +32,6 @@ __all__ = [
     "scale_task_vector",
     "ssd_apply",
     "ssd_dampen",
+    "ssd_search_alpha",
     "weight_averaging",
 ]

@@ -21,11 +21,23 @@ and ``α = 10`` (``selection_weighting``), with the importances computed by
 :func:`clax.fisher.diagonal_fisher` with ``labels="empirical"``, ``granularity="batch"``,
 ``normalization="mean"``, batch size 64, the model in evaluation mode, on the full
 training set (not the retain set) and on the forget set.
+
+Choosing α. The batch Fisher of a batch of ``B`` examples is, in expectation,
+``ḡ² + σ²/B`` (mean gradient squared plus per-example variance over ``B``). At a trained
+model the full-data mean gradient ``ḡ_D`` is near zero, so ``[]_D ≈ σ_D²/B``, while the
+forget class keeps its mean term ``ḡ_f²``: the selection ``[]_{D_f} > α []_D`` behaves
+like a threshold on ``α/B``, and α must be re-tuned when the Fisher batch size changes
+(measured in ``benchmarks/results/unlearn_ssd.md``: on a small Fashion-MNIST CNN, α = 10 at
+B = 64 dampens ~20-30 % of the entries and costs 10-50 retain-accuracy points, while
+α = 100 at B = 64 forgets the class as fully and keeps retain accuracy). With the exact
+per-example Fisher (``granularity="example"``, mean-normalised) over ``D ⊇ D_f``,
+``[]_D >= (|D_f|/|D|)·[]_{D_f}`` entry-wise, so ``α >= |D|/|D_f|`` selects nothing.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -131,3 +143,70 @@ def ssd_dampen(
         dampened[path_str(path)] = int(c)
         total[path_str(path)] = int(np.size(p))
     return new, SSDReport(dampened=dampened, total=total, alpha=alpha, lam=lam)
+
+
+DEFAULT_SEARCH_ALPHAS = (1000.0, 500.0, 300.0, 200.0, 150.0, 100.0, 70.0, 50.0, 30.0, 20.0,
+                         10.0, 5.0, 3.0, 2.0)
+
+
+class SSDSearchResult(NamedTuple):
+    """Outcome of :func:`ssd_search_alpha`."""
+
+    params: PyTree  # the edit at `alpha`
+    report: SSDReport
+    alpha: float  # the largest α tried whose forget accuracy reached the target
+    reached: bool  # False: no α reached it; the edit at the smallest α is returned
+    trace: list[tuple[float, float, int]]  # (α, forget accuracy, entries dampened), in order
+
+
+def ssd_search_alpha(
+    params: PyTree,
+    fisher_full: PyTree,
+    fisher_forget: PyTree,
+    *,
+    forget_accuracy: Callable[[PyTree], float],
+    target: float,
+    alphas: Sequence[float] = DEFAULT_SEARCH_ALPHAS,
+    lam: float = 1.0,
+) -> SSDSearchResult:
+    """SSD with the most selective α that removes the forget set (a clax addition).
+
+    SSD's selection is nested in α (a larger α selects a subset of the entries a smaller α
+    selects) and the scale ``β`` does not depend on α, so trying α from large to small
+    dampens more and more entries. This returns the first (largest) α of `alphas` whose
+    edited model has ``forget_accuracy(params) <= target``, e.g. the forget-*train*
+    accuracy, which the unlearner has, with ``target`` near that of a model that never saw
+    the data (~0 for a whole class). Only the forget set is evaluated, never retain or test
+    data. It exists because the α that works depends on the Fisher batch size and on the
+    class (see the module docstring), while a fixed α either dampens nothing or far more
+    than needed. Not in the SSD paper.
+
+    Args:
+        params, fisher_full, fisher_forget, lam: As in :func:`ssd_dampen`.
+        forget_accuracy: ``params -> float`` accuracy of the edited model on forget data.
+        target: Stop at the first α whose forget accuracy is ``<= target`` (in ``[0, 1]``).
+        alphas: Candidate α values (> 0), tried from the largest to the smallest.
+
+    Returns:
+        An :class:`SSDSearchResult`. If no α reaches the target, ``reached`` is False and
+        the edit at the smallest α is returned (check ``reached``; ``trace`` shows how far
+        each α got).
+
+    Raises:
+        ValueError: On an empty `alphas`, an α or λ that is not finite and > 0, a target
+            outside ``[0, 1]``, or bad Fisher input (see :func:`ssd_dampen`).
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) \
+            or not 0.0 <= target <= 1.0:
+        raise ValueError(f"target must be an accuracy in [0, 1], got {target!r}")
+    if not alphas:
+        raise ValueError("alphas must hold at least one α > 0, got an empty sequence")
+    ordered = sorted((_check_positive("alphas[i]", a) for a in alphas), reverse=True)
+    trace: list[tuple[float, float, int]] = []
+    for alpha in ordered:
+        new, report = ssd_dampen(params, fisher_full, fisher_forget, alpha=alpha, lam=lam)
+        acc = float(forget_accuracy(new))
+        trace.append((alpha, acc, report.num_dampened))
+        if acc <= target:
+            return SSDSearchResult(new, report, alpha, True, trace)
+    return SSDSearchResult(new, report, ordered[-1], False, trace)

@@ -37,17 +37,6 @@ class Call:
     static: list[Any]  # leaf values that are not arrays (None for array leaves)
     is_array: list[bool]
     batched: list[bool]  # array leaf whose leading axis is the batch axis
-    out_treedef: Any = None
-    out_shapes: list[jax.ShapeDtypeStruct] = dataclasses.field(default_factory=list)
-
-
-def _module_paths(model: nnx.Module) -> dict[int, Path]:
-    """``id(module) -> path`` for every module node (first path, as ``nnx.state`` uses)."""
-    paths: dict[int, Path] = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and id(node) not in paths:
-            paths[id(node)] = tuple(path)
-    return paths
 
 
 def _classes_to_patch(modules: list[nnx.Module]) -> list[type]:

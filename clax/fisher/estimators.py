@@ -52,8 +52,10 @@ times the parameters of one non-Dense module, whatever ``B`` and ``N``
 
 Assumptions of the per-example path (documented, not checked): the model is evaluated in
 evaluation mode (``ModelFns.graphdef_eval``: BatchNorm uses running statistics), so the
-loss of example ``i`` depends only on example ``i``; and each parameter is used only
-inside the ``__call__`` of the module that owns it (no weight tying across modules).
+loss of example ``i`` depends only on example ``i``; each parameter is used only inside
+the ``__call__`` of the module that owns it (no weight tying across modules); and in a
+module call, the array arguments whose leading axis has the batch size are per-example
+(sliced for the per-module VJPs) while the others are shared.
 
 With a plain ``apply(params, x, task_ids) -> logits`` function instead of a
 :class:`~clax.training.model_fns.ModelFns`, the module structure is unknown: the

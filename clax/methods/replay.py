@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clax._validation import check_real
 from clax.replay.buffer import BufferState, balanced_insert, init_buffer, reservoir_insert, sample
 from clax.replay.reptile import reptile
 from clax.training.method import (
@@ -48,19 +49,6 @@ def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool,
-                high_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = math.isfinite(value)
-        ok = ok and (value > low if low_open else value >= low)
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
 
 
 def _key(ctx: StepContext, purpose: int) -> jax.Array:
@@ -174,7 +162,7 @@ def er(*, buffer_size: int = 200, replay_ratio: float = 1.0) -> Method:
         ValueError: On a hyperparameter out of range.
     """
     buffer_size = _check_positive_int("buffer_size", buffer_size)
-    ratio = _check_real("replay_ratio", replay_ratio, 0.0, math.inf, low_open=True,
+    ratio = check_real("replay_ratio", replay_ratio, 0.0, math.inf, low_open=True,
                         high_open=True)
     return _mixed_batch_method("er", buffer_size=buffer_size, replay_ratio=ratio)
 
@@ -214,9 +202,9 @@ def derpp(*, buffer_size: int = 200, alpha: float = 0.1, beta: float = 0.5,
         ValueError: On a hyperparameter out of range.
     """
     buffer_size = _check_positive_int("buffer_size", buffer_size)
-    alpha = _check_real("alpha", alpha, 0.0, math.inf, low_open=False, high_open=True)
-    beta = _check_real("beta", beta, 0.0, math.inf, low_open=False, high_open=True)
-    ratio = _check_real("replay_ratio", replay_ratio, 0.0, math.inf, low_open=True,
+    alpha = check_real("alpha", alpha, 0.0, math.inf, low_open=False, high_open=True)
+    beta = check_real("beta", beta, 0.0, math.inf, low_open=False, high_open=True)
+    ratio = check_real("replay_ratio", replay_ratio, 0.0, math.inf, low_open=True,
                         high_open=True)
 
     def loss_terms(params: PyTree, ctx: StepContext) -> jax.Array:
@@ -347,10 +335,10 @@ def replay_reptile(*, buffer_size: int = 200, replay_fraction: float = 0.25,
         ValueError: On a hyperparameter out of range.
     """
     buffer_size = _check_positive_int("buffer_size", buffer_size)
-    alpha = _check_real("replay_fraction", replay_fraction, 0.0, 1.0, low_open=True,
+    alpha = check_real("replay_fraction", replay_fraction, 0.0, 1.0, low_open=True,
                         high_open=True)
     every = _check_positive_int("reptile_every", reptile_every)
-    eps = _check_real("meta_lr", meta_lr, 0.0, 1.0, low_open=True, high_open=False)
+    eps = check_real("meta_lr", meta_lr, 0.0, 1.0, low_open=True, high_open=False)
     if isinstance(start_task, bool) or not isinstance(start_task, int) or start_task < 0:
         raise ValueError(f"start_task must be an int >= 0, got {start_task!r}")
     return _mixed_batch_method(

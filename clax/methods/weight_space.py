@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clax.edits.averaging import WeightAveragingState, weight_averaging as _weight_averaging
+from clax._validation import check_real
+from clax.edits.averaging import WeightAveragingState
+from clax.edits.averaging import weight_averaging as _weight_averaging
 from clax.edits.lines import lines_scale
 from clax.params.paths import block_depths, head_backbone_labels
 from clax.training.method import BoundaryContext, Method, TrainState, register_method
@@ -42,19 +44,6 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}")
     return value
-
-
-def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool,
-                high_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = math.isfinite(value)
-        ok = ok and (value > low if low_open else value >= low)
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -167,7 +156,7 @@ def ema(*, decay: float = 0.99, swap_at_task_end: bool = True, start_task: int =
         ValueError: On ``decay`` outside ``[0, 1)``, a non-bool ``swap_at_task_end`` or a
             negative ``start_task``.
     """
-    decay = _check_real("decay", decay, 0.0, 1.0, low_open=False, high_open=True)
+    decay = check_real("decay", decay, 0.0, 1.0, low_open=False, high_open=True)
     _check_bool("swap_at_task_end", swap_at_task_end)
     start_task = _check_start_task(start_task)
     return _ema_method("ema", lambda tx: ema_balancing(tx, decay=decay), swap_at_task_end,
@@ -208,7 +197,7 @@ def adaptive_ema(
         ValueError: On ``fallback_rate`` outside ``(0, 1)``, a non-bool
             ``swap_at_task_end`` or a negative ``start_task``.
     """
-    rate = _check_real("fallback_rate", fallback_rate, 0.0, 1.0, low_open=True, high_open=True)
+    rate = check_real("fallback_rate", fallback_rate, 0.0, 1.0, low_open=True, high_open=True)
     _check_bool("swap_at_task_end", swap_at_task_end)
     start_task = _check_start_task(start_task)
     return _ema_method(
@@ -292,7 +281,7 @@ def lines(*, lam: float = 0.5) -> Method:
         ValueError: On ``lam`` outside ``[0, 1]``; at init, if the model's block depths
             cannot be derived from its parameter paths.
     """
-    lam = _check_real("lam", lam, 0.0, 1.0, low_open=False, high_open=False)
+    lam = check_real("lam", lam, 0.0, 1.0, low_open=False, high_open=False)
 
     def init_memory(params: PyTree) -> PyTree:
         block_depths(params)  # fail before training if the depths cannot be derived
@@ -487,14 +476,14 @@ def slow_learner(
         ValueError: On a hyperparameter out of range; at init, with ``align_classifier``,
             if the parameters have no ``head/kernel`` of shape ``(D, C)``.
     """
-    scale = _check_real("backbone_lr_scale", backbone_lr_scale, 0.0, 1.0,
+    scale = check_real("backbone_lr_scale", backbone_lr_scale, 0.0, 1.0,
                         low_open=True, high_open=False)
     _check_bool("align_classifier", align_classifier)
     _check_positive_int("ca_epochs", ca_epochs)
     _check_positive_int("ca_samples_per_class", ca_samples_per_class)
-    ca_lr = _check_real("ca_learning_rate", ca_learning_rate, 0.0, math.inf,
+    ca_lr = check_real("ca_learning_rate", ca_learning_rate, 0.0, math.inf,
                         low_open=True, high_open=True)
-    ca_norm = _check_real("ca_logit_norm", ca_logit_norm, 0.0, math.inf,
+    ca_norm = check_real("ca_logit_norm", ca_logit_norm, 0.0, math.inf,
                           low_open=False, high_open=True)
 
     post = optax.partition(

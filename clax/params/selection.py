@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import optax
 
+from clax._validation import check_unit_interval
 from clax.params.paths import (
     Path,
     _as_index,
@@ -71,16 +72,6 @@ HFT_CATEGORIES: tuple[tuple[str, str], ...] = (
 
 # --------------------------------------------------------------------------------------
 # Checks
-
-
-def _check_fraction(value: Any, arg: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not 0.0 <= float(value) <= 1.0
-    ):
-        raise ValueError(f"{arg} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _check_index(value: Any, arg: str) -> int:
@@ -252,7 +243,7 @@ def half_fine_tuning_mask(
     """
     stage = _check_index(stage, "stage")
     seed = _check_index(seed, "seed")
-    f = _check_fraction(fraction, "fraction")
+    f = check_unit_interval("fraction", fraction)
     if unit not in ("module", "tensor"):
         raise ValueError(f"unit must be 'module' or 'tensor', got {unit!r}")
     leaves, treedef = _leaves(params)
@@ -379,7 +370,7 @@ def kappatune_mask(
     if num_tensors is not None:
         k = _check_index(num_tensors, "num_tensors")
     else:
-        k = _count(_check_fraction(fraction, "fraction"), len(kappas))
+        k = _count(check_unit_interval("fraction", fraction), len(kappas))
     names = list(kappas)
     order = sorted(range(len(names)), key=lambda i: kappas[names[i]])  # stable on ties
     chosen = {names[i] for i in order[:k]}
@@ -444,7 +435,7 @@ def fisher_importance_mask(params: PyTree, fisher: PyTree, *, freeze_fraction: f
         ValueError: ``freeze_fraction`` outside [0, 1], or bad ``fisher`` (see
             `tensor_importance`).
     """
-    f = _check_fraction(freeze_fraction, "freeze_fraction")
+    f = check_unit_interval("freeze_fraction", freeze_fraction)
     importance = tensor_importance(params, fisher)
     names = list(importance)
     order = sorted(range(len(names)), key=lambda i: -importance[names[i]])  # stable on ties

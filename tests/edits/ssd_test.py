@@ -85,3 +85,83 @@ def test_bad_input():
     nan = {**forget, "norm": {"scale": jnp.full((4,), jnp.nan)}}
     with pytest.raises(ValueError, match="fisher_forget.*norm/scale.*non-finite"):
         ssd_dampen(params, full, nan)
+
+
+def test_per_example_fisher_bounds_the_selection():
+    """With the exact per-example, mean-normalised Fisher over ``D ⊇ D_f``,
+    ``F_D >= (|D_f|/|D|)·F_f`` entry-wise, so ``α > |D|/|D_f|`` selects nothing while the
+    batch-mean Fisher (SSD's) can still select: why SSD's α = 10 needs the batch Fisher
+    when the forget class is a tenth of the data."""
+    from clax.fisher import diagonal_fisher
+    from clax.models import make_model
+    from clax.training import ModelFns
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6, 6, 1)).astype(np.float32)
+    y = rng.integers(0, 4, size=120).astype(np.int32)
+    forget = y == 2
+    fns, params, state = ModelFns.split(make_model(
+        "mlp", input_shape=(6, 6, 1), num_classes=4, widths=(16,), seed=0))
+
+    def fisher(xs, ys, granularity):
+        return diagonal_fisher(fns, params, (xs, ys), model_state=state, labels="empirical",
+                               granularity=granularity, normalization="mean", batch_size=8)
+
+    full = fisher(x, y, "example")
+    part = fisher(x[forget], y[forget], "example")
+    ratio = len(y) / forget.sum()
+    _, at_bound = ssd_dampen(params, full, part, alpha=1.001 * ratio, lam=1.0)
+    assert at_bound.num_dampened == 0
+    _, below = ssd_dampen(params, full, part, alpha=0.5 * ratio, lam=1.0)
+    assert below.num_dampened > 0
+    _, batch = ssd_dampen(params, fisher(x, y, "batch"), fisher(x[forget], y[forget], "batch"),
+                          alpha=1.001 * ratio, lam=1.0)
+    assert batch.num_dampened > 0
+
+
+def _num_changed(params, new):
+    return sum(int(np.sum(np.asarray(p) != np.asarray(q)))
+               for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(new), strict=True))
+
+
+def test_search_alpha_stops_at_the_largest_alpha_reaching_the_target():
+    from clax.edits import ssd_search_alpha
+
+    params, full, forget = _random_case(3)
+    # A stand-in "forget accuracy" that falls as more entries change: reaches 0.5 once
+    # at least 12 entries are dampened.
+    def accuracy(new):
+        return 1.0 if _num_changed(params, new) < 12 else 0.5
+
+    alphas = (2.0, 300.0, 30.0, 100.0, 10.0)  # any order: tried from large to small
+    res = ssd_search_alpha(params, full, forget, forget_accuracy=accuracy, target=0.5,
+                           alphas=alphas, lam=1.0)
+    tried = [a for a, _, _ in res.trace]
+    assert tried == sorted(tried, reverse=True) and tried[0] == 300.0
+    counts = [n for _, _, n in res.trace]
+    assert counts == sorted(counts)  # nested selection: more entries as α falls
+    assert res.reached and res.trace[-1][1] <= 0.5 and len(res.trace) >= 3
+    assert all(acc > 0.5 for _, acc, _ in res.trace[:-1])
+    assert res.alpha == tried[-1]
+    expected, report = ssd_dampen(params, full, forget, alpha=res.alpha, lam=1.0)
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert res.report == report
+
+    never = ssd_search_alpha(params, full, forget, forget_accuracy=lambda p: 1.0,
+                             target=0.0, alphas=alphas)
+    assert not never.reached and never.alpha == 2.0 and len(never.trace) == len(alphas)
+
+
+def test_search_alpha_bad_input():
+    from clax.edits import ssd_search_alpha
+
+    params, full, forget = _random_case(0)
+    ok = {"forget_accuracy": lambda p: 0.0}
+    for target in (-0.1, 1.5, True, "0"):
+        with pytest.raises(ValueError, match="target"):
+            ssd_search_alpha(params, full, forget, target=target, **ok)
+    with pytest.raises(ValueError, match="alphas"):
+        ssd_search_alpha(params, full, forget, target=0.0, alphas=(), **ok)
+    with pytest.raises(ValueError, match="alphas"):
+        ssd_search_alpha(params, full, forget, target=0.0, alphas=(10.0, -1.0), **ok)
