@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from clax._validation import check_real
 from clax.replay.buffer import BufferState, balanced_insert, init_buffer, reservoir_insert, sample
 from clax.replay.reptile import reptile
 from clax.training.method import (
+    Batch,
     BoundaryContext,
     DataSpec,
     Method,
@@ -81,40 +81,23 @@ def _effective_size(ctx: StepContext, m: int) -> jax.Array:
     return jnp.minimum(ctx.memory.size, m).astype(jnp.float32)
 
 
-def scale_by_extra_arg(name: str) -> optax.GradientTransformationExtraArgs:
-    """Multiplies the updates by the scalar keyword extra arg `name` (stateless)."""
-
-    def init_fn(params: PyTree) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        if name not in extra_args:
-            raise ValueError(f"scale_by_extra_arg needs the keyword extra arg {name}=")
-        s = extra_args[name]
-        return jax.tree.map(lambda u: (u * s).astype(u.dtype), updates), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
 
 def _mixed_batch_method(name: str, *, buffer_size: int, replay_ratio: float,
                         wrapper=None, start_task: int | None = None) -> Method:
-    """ER's mixed batch: the mean loss over [current batch; replay batch]."""
+    """ER's mixed batch: the mean loss over [current batch; replay batch], in one pass."""
 
-    def loss_terms(params: PyTree, ctx: StepContext) -> jax.Array:
+    def extra_batch(ctx: StepContext) -> tuple[Batch, jax.Array]:
         m = _replay_size(ctx, replay_ratio)
         s = sample(ctx.memory, _key(ctx, _SAMPLE), m)
-        b = ctx.batch.y.shape[0]
-        return (_effective_size(ctx, m) / b) * ctx.loss(params, s.batch)
+        # M draws stand for min(M, stored) examples (Mammoth's get_data): each weighs
+        # min(M, stored)/M, so the loss is (B·L_cur + m·L_mem)/(B + m); 0 when empty.
+        w = _effective_size(ctx, m) / m
+        return s.batch, jnp.full((m,), w, jnp.float32)
 
-    def extra_args(ctx: StepContext) -> dict[str, jax.Array]:
-        m = _replay_size(ctx, replay_ratio)
-        b = ctx.batch.y.shape[0]
-        extra = {"replay_scale": b / (b + _effective_size(ctx, m))}
-        if start_task is not None:
-            extra["reptile_active"] = ctx.task_index >= start_task
-        return extra
+    extra_args = None
+    if start_task is not None:
+        def extra_args(ctx: StepContext) -> dict[str, jax.Array]:
+            return {"reptile_active": ctx.task_index >= start_task}
 
     def update_memory(memory, ctx: StepContext, logits, new_params):
         del logits, new_params
@@ -122,10 +105,9 @@ def _mixed_batch_method(name: str, *, buffer_size: int, replay_ratio: float,
 
     return Method(
         name=name,
-        transform=scale_by_extra_arg("replay_scale"),
         wrapper=wrapper,
         init_memory=_buffer_init(name, buffer_size),
-        loss_terms=loss_terms,
+        extra_batch=extra_batch,
         extra_args=extra_args,
         update_memory=update_memory,
     )
@@ -144,11 +126,11 @@ def er(*, buffer_size: int = 200, replay_ratio: float = 1.0) -> Method:
 
         \\mathcal L = \\frac{B\\,\\mathcal L_{cur} + m\\,\\mathcal L_{mem}}{B + m}
 
-    implemented as ``loss_terms = (m/B)·L_mem`` plus a gradient scale ``B/(B+m)`` chained
-    before the base optimizer (so the update is exactly that of the concatenated batch;
-    the logged loss is the unscaled ``L_cur + (m/B)·L_mem``). Batch statistics (BatchNorm)
-    see the two batches separately. After the update, the current batch enters the
-    reservoir buffer (Vitter's algorithm R).
+    computed in one forward/backward pass over the concatenated batch
+    (``Method.extra_batch``; each of the ``M`` draws weighs ``m/M``, so an empty buffer
+    gives a plain finetune step). As in Mammoth, batch statistics (BatchNorm) see the
+    concatenated batch. After the update, the current batch enters the reservoir buffer
+    (Vitter's algorithm R).
 
     Args:
         buffer_size: Buffer capacity, a positive int (Mammoth: 200 / 500 / 5120).

@@ -20,6 +20,15 @@ field                  role
 ``extra_args``         ``StepContext -> dict``: keyword extra args passed each step to
                        ``tx.update(grads, opt_state, params, **extra_args)``.
 ``loss_terms``         ``(params, StepContext) -> scalar`` added to the task loss.
+``extra_batch``        ``StepContext -> (Batch, weights)``: examples (e.g. replayed
+                       ones) trained on *in the same forward/backward pass* as the
+                       current batch. The task loss becomes the weighted mean
+                       ``Σ w_i ℓ_i / Σ w_i`` over ``[current; extra]`` (weight 1 for
+                       current examples, ``weights`` (m,) float32 for the extra ones),
+                       and train-mode model state (BatchNorm) sees the concatenated
+                       batch. ``update_memory`` and the step's accuracy get the current
+                       batch's logits only. One pass over ``B + m`` examples is cheaper
+                       than a separate replay pass in ``loss_terms``.
 ``update_memory``      ``(memory, StepContext, logits, new_params) -> memory``, per step.
 ``before_task``        ``(TrainState, BoundaryContext) -> TrainState`` at a task start.
 ``consolidate``        ``(TrainState, BoundaryContext) -> TrainState`` at a task end.
@@ -147,6 +156,7 @@ class Method:
     init_memory: Callable[..., PyTree] = _no_memory
     extra_args: Callable[[StepContext], dict[str, Any]] | None = None
     loss_terms: Callable[[PyTree, StepContext], jax.Array] | None = None
+    extra_batch: Callable[[StepContext], tuple[Batch, jax.Array]] | None = None
     update_memory: Callable[[PyTree, StepContext, jax.Array, PyTree], PyTree] | None = None
     before_task: Callable[[TrainState, BoundaryContext], TrainState] | None = None
     consolidate: Callable[[TrainState, BoundaryContext], TrainState] | None = None

@@ -155,6 +155,27 @@ class StepFns:
         mask = self._mask_for(batch.task_ids)
         return masked_cross_entropy(logits, batch.y, mask), (logits, new_model_state)
 
+    def _mixed_loss(self, params, model_state, batch: Batch, extra: Batch,
+                    extra_weights: jax.Array):
+        """Weighted mean loss over ``[batch; extra]`` in one pass (``Method.extra_batch``);
+        returns the current batch's logits."""
+        b = batch.y.shape[0]
+        if extra.x.shape[1:] != batch.x.shape[1:] or extra_weights.shape != extra.y.shape:
+            raise ValueError(
+                f"method {self.method.name!r}: extra_batch must return examples shaped like "
+                f"the batch's {batch.x.shape[1:]} and one weight per example; got inputs "
+                f"{extra.x.shape} and weights {extra_weights.shape}")
+        full = Batch(*(jnp.concatenate([a, e.astype(a.dtype)]) for a, e in zip(batch, extra)))
+        logits, new_model_state = self.model.apply(
+            params, model_state, full.x, full.task_ids, train=True)
+        mask = self._mask_for(full.task_ids)
+        masked = logits if mask is None else jnp.where(mask, logits, _MASKED_LOGIT)
+        ce = optax.softmax_cross_entropy_with_integer_labels(masked, full.y)
+        w = jnp.concatenate([jnp.ones((b,), jnp.float32),
+                             extra_weights.astype(jnp.float32)])
+        loss = jnp.sum(w * ce) / jnp.sum(w)
+        return loss, (logits[:b], new_model_state)
+
     def _step(self, state: TrainState, batch: Batch, task_index: jax.Array):
         batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
         method = self.method
@@ -179,8 +200,13 @@ class StepFns:
             loss=task_loss,
         )
 
+        extra = method.extra_batch(ctx) if method.extra_batch is not None else None
+
         def total_loss(params):
-            loss, aux = self._loss(params, state.model_state, batch)
+            if extra is None:
+                loss, aux = self._loss(params, state.model_state, batch)
+            else:
+                loss, aux = self._mixed_loss(params, state.model_state, batch, *extra)
             if method.loss_terms is not None:
                 loss = loss + method.loss_terms(params, ctx)
             return loss, aux

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from clax.models import make_model
@@ -101,3 +102,51 @@ def test_masked_cross_entropy_restricts_to_task_classes():
     want = -jax.nn.log_softmax(jnp.array([2.0, 1.0]))[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.isfinite(jax.grad(lambda l: masked_cross_entropy(l, jnp.array([0]), mask))(logits)).all()
+
+
+def test_extra_batch_is_a_weighted_mean_over_the_concatenated_batch():
+    fixed = None  # set below: examples the hook adds every step
+
+    def extra_batch(ctx):
+        return fixed, jnp.asarray([2.0, 0.5, 0.0], jnp.float32)
+
+    seen = {}
+
+    def update_memory(memory, ctx, logits, new_params):
+        seen["logits"] = logits.shape  # the current batch's logits only
+        return memory
+
+    method = Method(name="extra", extra_batch=extra_batch, update_memory=update_memory)
+    steps, state, data, _ = _setup(method, lr=0.2)
+    fixed = Batch(jnp.asarray(data.x[40:43]), jnp.asarray(data.y[40:43]),
+                  jnp.asarray(data.task_ids[40:43]))
+    batch = Batch(data.x[:8], data.y[:8], data.task_ids[:8])
+    params = jax.tree.map(np.asarray, state.params)
+    new, metrics = steps.train_step(state, steps.shard_batch(batch), 0)
+    assert seen["logits"][0] == 8
+
+    w = np.concatenate([np.ones(8), [2.0, 0.5, 0.0]])
+    x = np.concatenate([batch.x, data.x[40:43]])
+    y = np.concatenate([batch.y, data.y[40:43]])
+
+    def loss(p):
+        logits = steps.model.apply(p, state.model_state, x, None, train=True)[0]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(w * ce) / w.sum()
+
+    grads = jax.grad(loss)(params)
+    expected = jax.tree.map(lambda p, g: p - 0.2 * g, params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new.params, expected)
+    np.testing.assert_allclose(float(metrics.loss), float(loss(params)), rtol=1e-5)
+
+
+def test_extra_batch_with_wrong_shapes_is_refused():
+    def extra_batch(ctx):
+        b = ctx.batch
+        return Batch(b.x[:, :-1], b.y, b.task_ids), jnp.ones(b.y.shape, jnp.float32)
+
+    steps, state, data, _ = _setup(Method(name="bad_extra", extra_batch=extra_batch))
+    batch = Batch(data.x[:8], data.y[:8], data.task_ids[:8])
+    with pytest.raises(ValueError, match="'bad_extra': extra_batch must return"):
+        steps.train_step(state, steps.shard_batch(batch), 0)
