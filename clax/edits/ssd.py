@@ -28,8 +28,9 @@ model the full-data mean gradient ``ḡ_D`` is near zero, so ``[]_D ≈ σ_D²/B
 forget class keeps its mean term ``ḡ_f²``: the selection ``[]_{D_f} > α []_D`` behaves
 like a threshold on ``α/B``, and α must be re-tuned when the Fisher batch size changes
 (measured in ``benchmarks/results/unlearn_ssd.md``: on a small Fashion-MNIST CNN, α = 10 at
-B = 64 dampens ~20-30 % of the entries and costs 10-50 retain-accuracy points, while
-α = 100 at B = 64 forgets the class as fully and keeps retain accuracy). With the exact
+B = 64 dampens 8-32 % of the entries and costs 10-49 retain-accuracy points, while the
+right α at B = 64, 50 or 100 depending on the class, forgets it as fully and keeps retain
+accuracy; :func:`ssd_search_alpha` finds it from the forget set alone). With the exact
 per-example Fisher (``granularity="example"``, mean-normalised) over ``D ⊇ D_f``,
 ``[]_D >= (|D_f|/|D|)·[]_{D_f}`` entry-wise, so ``α >= |D|/|D_f|`` selects nothing.
 """
