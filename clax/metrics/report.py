@@ -548,6 +548,16 @@ RESULTS_COLUMNS = (
 )
 
 
+
+def _check_runs(runs: Any) -> Sequence[Mapping]:
+    """``runs`` if it is a sequence of mappings, else ``ValueError`` naming the bad entry."""
+    if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)):
+        raise ValueError(f"runs must be a sequence of mappings, got {type(runs)}")
+    for k, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise ValueError(f"runs[{k}] must be a mapping, got {run!r}")
+    return runs
+
 def _number(run: Mapping[str, Any], key: str, k: int) -> float | None:
     value = run.get(key)
     if value is None:
@@ -577,12 +587,8 @@ def results_table(runs: Sequence[Mapping[str, Any]]) -> str:
     Raises:
         ValueError: If ``runs`` is not a sequence of mappings or a metric is not a number.
     """
-    if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)):
-        raise ValueError(f"runs must be a sequence of mappings, got {type(runs)}")
     rows = []
-    for k, run in enumerate(runs):
-        if not isinstance(run, Mapping):
-            raise ValueError(f"runs[{k}] must be a mapping, got {run!r}")
+    for k, run in enumerate(_check_runs(runs)):
         acc = _number(run, "acc", k)
         bwt = _number(run, "bwt", k)
         fwt = _number(run, "fwt", k)
@@ -632,12 +638,8 @@ def stability_table(runs: Sequence[Mapping[str, Any]]) -> str:
     Raises:
         ValueError: If ``runs`` is not a sequence of mappings or a metric is not a number.
     """
-    if not isinstance(runs, Sequence) or isinstance(runs, (str, bytes)):
-        raise ValueError(f"runs must be a sequence of mappings, got {type(runs)}")
     rows = []
-    for k, run in enumerate(runs):
-        if not isinstance(run, Mapping):
-            raise ValueError(f"runs[{k}] must be a mapping, got {run!r}")
+    for k, run in enumerate(_check_runs(runs)):
         row = {"benchmark": run.get("benchmark"), "method": run.get("method")}
         for key, _ in STABILITY_COLUMNS[2:]:
             value = _number(run, key, k)
