@@ -5,7 +5,9 @@ optimizer and any Flax model. Subpackages:
 
 - `clax.data`: data sources (digits, IDX files, tfds) and continual scenarios.
 - `clax.models`: NNX models (MLP, CNN, reduced ResNet-18, tiny ViT) and layer-input capture.
-- `clax.training`: the `Method` contract, jitted steps, the continual task loop.
+- `clax.core`: the contract: `Method`, `TrainState`, batches, objectives, `ModelFns`,
+  the method registry.
+- `clax.training`: the driver: jitted steps, the continual task loop, config, checkpoints.
 - `clax.metrics`: accuracy-matrix metrics (ACC, BWT, FWT, forgetting), stability-gap and
   unlearning metrics, reports, plots.
 - `clax.transforms`: optax transforms (subspace projection, CoSO, GU, EWC, A-GEM, EMA).
@@ -16,11 +18,9 @@ optimizer and any Flax model. Subpackages:
 - `clax.methods`: the registered `Method`s (build them with `make_method(name)`).
 """
 
-# `clax.training` first: importing it registers every method (clax.methods), whose modules
-# import the rest of the package in an order free of cycles.
-from clax import training  # noqa: I001
 from clax import (
     analytic,
+    core,
     data,
     edits,
     fisher,
@@ -29,8 +29,24 @@ from clax import (
     params,
     replay,
     subspace,
+    training,
     transforms,
     unlearning,
+)
+from clax.core import (
+    Batch,
+    Classification,
+    LanguageModeling,
+    Method,
+    Replay,
+    TrainState,
+    after,
+    around,
+    before,
+    chain_around,
+    make_method,
+    register_method,
+    registered_methods,
 )
 from clax.data import Scenario, Task, load_source, make_scenario
 from clax.edits import (
@@ -57,15 +73,7 @@ from clax.params import (
     train_only,
 )
 from clax.subspace import SubspaceBasis, empty_basis, grow_basis, project_out
-from clax.training import (
-    Method,
-    TrainState,
-    default_config,
-    make_method,
-    register_method,
-    registered_methods,
-    train_continual,
-)
+from clax.training import default_config, train_continual
 from clax.unlearning import gradient_ascent_loss, npo_loss
 from clax.transforms import (
     agem,
@@ -81,18 +89,27 @@ from clax.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
+    "Classification",
+    "LanguageModeling",
     "Method",
+    "Replay",
     "Scenario",
     "SubspaceBasis",
     "Task",
     "TrainState",
     "adaptive_ema",
+    "after",
     "agem",
+    "around",
     "analytic",
     "average",
     "averaged_params",
+    "before",
     "block_depths",
     "capture_layer_inputs",
+    "chain_around",
+    "core",
     "coso",
     "data",
     "default_config",

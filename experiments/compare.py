@@ -58,7 +58,7 @@ def _check_no_top_level_data(config: ml_collections.ConfigDict) -> None:
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs every (benchmark, method) pair; returns the rows of the results table."""
-    from clax.training import registered_methods
+    from clax.core import registered_methods
 
     _check_no_top_level_data(config)
     benchmarks = _names(config.compare.benchmarks, "benchmarks", set(config.benchmarks))

@@ -29,6 +29,12 @@ forget accuracy. Metrics (:mod:`clax.metrics.unlearning`): accuracy on forget/re
 train/test, entropy MIA, and the gap to the retrained reference. Times are of the
 unlearning steps only (compiled beforehand; periodic evaluations excluded). Writes
 ``<out_dir>/unlearn_gu.json`` and ``.md`` with the command at the top.
+
+Everything runs through the unlearning driver (`clax.training.unlearn`): the original and
+the reference are trained by `clax.training.train_continual` (one task holding every
+class), each variant is the driver's ``ga`` / ``npo`` unlearner configured by
+``experiments/configs/unlearn_gu_fmnist.py:<variant>``, which reproduces one row with
+``python -m experiments.unlearn``.
 """
 
 from __future__ import annotations
@@ -37,25 +43,19 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import ml_collections
 from absl import app, flags
 
-from clax.data import load_source
-from clax.metrics.unlearning import UnlearningSplit, reference_gap, unlearning_metrics
-from clax.models import make_model
-from clax.training import ModelFns
-from clax.transforms.disentangle import geometric_unlearning_adam
-from clax.unlearning import gradient_ascent_loss, npo_loss, retain_loss
+from clax.metrics.unlearning import reference_gap
+from clax.training.unlearn import train_original, unlearn
+from experiments.configs.unlearn_gu_fmnist import LOSSES, RULES, apply_variant
+from experiments.configs.unlearn_gu_fmnist import get_config as get_gu_config
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-LOSSES = ("ga", "npo")
-RULES = ("plain", "rt", "gu", "gu_k")
+__all__ = ["LOSSES", "RULES", "Config", "markdown", "run", "unlearn_config"]
 
 
 @dataclasses.dataclass
@@ -86,206 +86,85 @@ class Config:
     seed: int = 0
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- configs
 
 
-def load_data(cfg: Config):
+def unlearn_config(cfg: Config, mode: str, variant: str) -> ml_collections.ConfigDict:
+    """The driver's config of one (forget mode, variant) of this experiment."""
+    c = get_gu_config(variant)
+    c.name = f"unlearn_gu/{mode}/{variant}"
+    c.seed = cfg.seed
     if cfg.dataset == "digits":
-        ds = load_source("digits", seed=cfg.seed)
+        c.data.source, c.data.root, c.data.name = "digits", None, None
+        if cfg.seed:  # the digits train/test split (seed 0 is the source's default)
+            with c.data.unlocked():
+                c.data.seed = cfg.seed
     elif cfg.dataset == "fashion_mnist":
-        ds = load_source("idx", root=cfg.data_root, name="fashion_mnist")
+        c.data.root = cfg.data_root
     else:
         raise ValueError(f"dataset must be 'fashion_mnist' or 'digits', got {cfg.dataset!r}")
-    x, y = ds.x_train, ds.y_train.astype(np.int32)
-    if cfg.max_train and cfg.max_train < len(y):
-        keep = np.random.default_rng(cfg.seed).permutation(len(y))[: cfg.max_train]
-        x, y = x[keep], y[keep]
-    return (x, y), (ds.x_test, ds.y_test.astype(np.int32)), ds.num_classes
-
-
-def make_split(mode: str, train, test, cfg: Config) -> UnlearningSplit:
-    """The four sets of an unlearning evaluation for one forget mode."""
-    (x, y), (xt, yt) = train, test
+    c.scenario.seed = cfg.seed
+    c.scenario.max_train_per_task = cfg.max_train or None
+    c.model.mlp.widths = tuple(cfg.widths)
+    c.optimizer.learning_rate = cfg.train_lr
+    c.train.epochs_per_task = cfg.train_epochs
+    c.train.batch_size = cfg.batch_size
+    u = c.unlearn
     if mode == "class":
-        f, ft = y == cfg.forget_class, yt == cfg.forget_class
+        u.forget, u.forget_classes = "classes", (cfg.forget_class,)
     elif mode == "random":
-        rng = np.random.default_rng(cfg.seed + 1)
-        f = np.zeros(len(y), bool)
-        f[rng.permutation(len(y))[: max(1, round(cfg.random_fraction * len(y)))]] = True
-        ft = np.zeros(len(yt), bool)
-        ft[rng.permutation(len(yt))[: len(yt) // 2]] = True
+        # The test set is split in two random halves (forget-test / retain-test).
+        u.forget, u.forget_fraction, u.forget_test_fraction = "fraction", cfg.random_fraction, 0.5
+        u.forget_seed = cfg.seed
     else:
         raise ValueError(f"mode must be 'class' or 'random', got {mode!r}")
-    return UnlearningSplit(forget_train=(x[f], y[f]), retain_train=(x[~f], y[~f]),
-                           forget_test=(xt[ft], yt[ft]), retain_test=(xt[~ft], yt[~ft]))
-
-
-# ----------------------------------------------------------------------------- model
-
-
-class Classifier:
-    """An MLP as pure functions of its parameters (clax ``ModelFns``)."""
-
-    def __init__(self, input_shape, num_classes, widths, seed):
-        model = make_model("mlp", input_shape=input_shape, num_classes=num_classes,
-                           widths=tuple(widths), seed=seed)
-        self.fns, self.init_params, self.model_state = ModelFns.split(model)
-        self.logits = jax.jit(self._logits)
-
-    def _logits(self, params, x):
-        return self.fns.apply(params, self.model_state, x, None, train=False)[0]
-
-    def predict(self, params, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-        """Logits of ``x`` in fixed-size (zero-padded) batches: one compilation."""
-        out = []
-        for i in range(0, len(x), batch):
-            part = np.asarray(x[i:i + batch])
-            padded = np.zeros((batch, *part.shape[1:]), part.dtype)
-            padded[: len(part)] = part
-            out.append(np.asarray(self.logits(params, jnp.asarray(padded)))[: len(part)])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def predictor(self, params):
-        return lambda x: self.predict(params, x)
-
-
-def train(clf: Classifier, x: np.ndarray, y: np.ndarray, cfg: Config, seed: int):
-    """Adam on cross-entropy; returns (params, seconds)."""
-    tx = optax.adam(cfg.train_lr)
-    params = clf.init_params
-    state = tx.init(params)
-    n = len(y) // cfg.batch_size * cfg.batch_size
-    xd, yd = jnp.asarray(x), jnp.asarray(y)
-
-    @jax.jit
-    def epoch(params, state, perm, xd, yd):
-        def step(carry, idx):
-            params, state = carry
-            g = jax.grad(lambda p: retain_loss(clf._logits(p, xd[idx]), yd[idx]))(params)
-            u, state = tx.update(g, state, params)
-            return (optax.apply_updates(params, u), state), None
-
-        (params, state), _ = jax.lax.scan(step, (params, state),
-                                          perm[:n].reshape(-1, cfg.batch_size))
-        return params, state
-
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    for _ in range(cfg.train_epochs):
-        params, state = epoch(params, state, jnp.asarray(rng.permutation(len(y))), xd, yd)
-    jax.block_until_ready(params)
-    return params, time.perf_counter() - start
-
-
-# ----------------------------------------------------------------------------- unlearning
-
-
-def _accuracy(clf, params, x, y):
-    return float(np.mean(clf.predict(params, x).argmax(1) == y)) if len(y) else 0.0
-
-
-def unlearn(clf: Classifier, params, split: UnlearningSplit, variant: str, cfg: Config,
-            target: float) -> dict[str, Any]:
-    """Runs one variant until forget-train accuracy <= target (or max_steps)."""
-    loss_name, _, rule = variant.partition("+")
-    rule = rule or "plain"
-    if loss_name not in LOSSES or rule not in RULES:
-        raise ValueError(f"unknown variant {variant!r}: <{'|'.join(LOSSES)}>[+<rt|gu|gu_k>]")
-    data = tuple(jnp.asarray(a) for a in (*split.forget_train, *split.retain_train))
-
-    def forget_loss(p, ref, x, y):
-        logits = clf._logits(p, x)
-        if loss_name == "ga":
-            return gradient_ascent_loss(logits, y)
-        return npo_loss(logits, clf._logits(ref, x), y, beta=cfg.npo_beta)
-
-    if rule in ("gu", "gu_k"):
-        tx = geometric_unlearning_adam(cfg.unlearn_lr, gamma=cfg.gamma, alpha=cfg.alpha,
-                                       subspace="span" if rule == "gu_k" else "mean")
-    else:
-        tx = optax.chain(optax.scale_by_adam(b1=0.0), optax.scale_by_learning_rate(cfg.unlearn_lr))
-
-    def step(p, state, key, ref, xf, yf, xr, yr):
-        kf, kr = jax.random.split(key)
-        fi = jax.random.randint(kf, (cfg.unlearn_batch,), 0, xf.shape[0])
-        ri = jax.random.randint(kr, (cfg.unlearn_batch,), 0, xr.shape[0])
-        g_f = jax.grad(forget_loss)(p, ref, xf[fi], yf[fi])
-        g_r = jax.grad(lambda q: retain_loss(clf._logits(q, xr[ri]), yr[ri]))(p)
-        if rule == "plain":
-            u, state = tx.update(g_f, state, p)
-        elif rule == "rt":
-            g = jax.tree.map(lambda a, b: cfg.gamma * a + cfg.alpha * b, g_f, g_r)
-            u, state = tx.update(g, state, p)
-        elif rule == "gu":
-            u, state = tx.update(g_f, state, p, retain_grads=g_r)
-        else:
-            idx = ri[: cfg.gu_k]
-
-            def one(x, y):
-                return jax.grad(lambda q: retain_loss(clf._logits(q, x[None]), y[None]))(p)
-
-            per_example = jax.vmap(one)(xr[idx], yr[idx])
-            u, state = tx.update(g_f, state, p, retain_grads=per_example)
-        return optax.apply_updates(p, u), state
-
-    def chunk(p, state, key, ref, data):
-        def body(carry, k):
-            return step(*carry, k, ref, *data), None
-
-        (p, state), _ = jax.lax.scan(body, (p, state), jax.random.split(key, cfg.eval_every))
-        return p, state
-
-    state = tx.init(params)
-    key = jax.random.key(cfg.seed + 7)
-    compiled = jax.jit(chunk).lower(params, state, key, params, data).compile()
-    p, steps, seconds = params, 0, 0.0
-    acc = _accuracy(clf, p, *split.forget_train)
-    while acc > target and steps < cfg.max_steps:
-        key, sub = jax.random.split(key)
-        start = time.perf_counter()
-        p, state = compiled(p, state, sub, params, data)
-        jax.block_until_ready(p)
-        seconds += time.perf_counter() - start
-        steps += cfg.eval_every
-        acc = _accuracy(clf, p, *split.forget_train)
-    return {"params": p, "steps": steps, "reached_target": bool(acc <= target),
-            "unlearn_time_s": seconds}
+    u.optimizer.learning_rate = cfg.unlearn_lr
+    u.batch_size = u.retain_batch_size = cfg.unlearn_batch
+    u.steps, u.eval_every, u.target_margin = cfg.max_steps, cfg.eval_every, cfg.stop_margin
+    return apply_variant(c, variant, gamma=cfg.gamma, alpha=cfg.alpha, gu_k=cfg.gu_k,
+                         npo_beta=cfg.npo_beta)
 
 
 # ----------------------------------------------------------------------------- driver
 
+_METRICS = ("forget_train_acc", "retain_train_acc", "forget_test_acc", "retain_test_acc", "mia")
+
 
 def run(cfg: Config, log=print) -> dict[str, Any]:
-    """Trains, retrains the references and unlearns with every variant; returns the rows."""
-    train_set, test_set, num_classes = load_data(cfg)
-    clf = Classifier(train_set[0].shape[1:], num_classes, cfg.widths, cfg.seed)
-    original, train_s = train(clf, *train_set, cfg, cfg.seed)
+    """Trains once, then per forget mode retrains the reference and unlearns with every
+    variant through `clax.training.unlearn.unlearn`; returns the rows."""
+    modes = tuple(cfg.modes)
+    if not modes or not cfg.variants:
+        raise ValueError("modes and variants must each name at least one entry")
+    original = train_original(unlearn_config(cfg, modes[0], cfg.variants[0]))
+    train_s = original.train_time_s
     log(f"original model trained in {train_s:.1f}s")
     out: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_time_s": train_s,
                            "modes": {}}
-    for mode in cfg.modes:
-        split = make_split(mode, train_set, test_set, cfg)
-        before = unlearning_metrics(clf.predictor(original), split, batch_size=1024)
-        retrained, retrain_s = train(clf, *split.retain_train, cfg, cfg.seed + 100)
-        reference = unlearning_metrics(clf.predictor(retrained), split, batch_size=1024)
-        target = reference["forget_train_acc"] + cfg.stop_margin
-        log(f"[{mode}] original: {_fmt(before)}")
-        log(f"[{mode}] retrained ({retrain_s:.1f}s): {_fmt(reference)}; stop at forget-train "
-            f"acc <= {target:.3f}")
-        rows = []
+    for mode in modes:
+        reference, rows, res = None, [], None
         for variant in cfg.variants:
-            res = unlearn(clf, original, split, variant, cfg, target)
-            m = unlearning_metrics(clf.predictor(res.pop("params")), split, batch_size=1024)
-            row = {"variant": variant, **m, **res, **reference_gap(m, reference)}
+            res = unlearn(unlearn_config(cfg, mode, variant), original=original,
+                          reference_metrics=reference)
+            if reference is None:
+                reference, retrain_s = res.reference_metrics, res.times["reference_s"]
+                target = res.info["target"]
+                log(f"[{mode}] original: {_fmt(res.original_metrics)}")
+                log(f"[{mode}] retrained ({retrain_s:.1f}s): {_fmt(reference)}; stop at "
+                    f"forget-train acc <= {target:.3f}")
+            m = {k: res.metrics[k] for k in _METRICS}
+            row = {"variant": variant, **m, "steps": res.steps,
+                   "reached_target": bool(res.reached_target),
+                   "unlearn_time_s": res.times["unlearn_s"],
+                   **reference_gap(m, reference)}
             rows.append(row)
-            log(f"[{mode}] {variant}: {_fmt(m)} steps {res['steps']}"
-                f"{'' if res['reached_target'] else ' (target not reached)'} "
-                f"{res['unlearn_time_s']:.2f}s")
-        out["modes"][mode] = {"original": before, "retrained": reference,
+            log(f"[{mode}] {variant}: {_fmt(m)} steps {res.steps}"
+                f"{'' if row['reached_target'] else ' (target not reached)'} "
+                f"{row['unlearn_time_s']:.2f}s")
+        out["modes"][mode] = {"original": {k: res.original_metrics[k] for k in _METRICS},
+                              "retrained": {k: reference[k] for k in _METRICS},
                               "retrain_time_s": retrain_s, "target_forget_train_acc": target,
-                              "sizes": {k: len(getattr(split, k)[1])
-                                        for k in UnlearningSplit._fields},
-                              "rows": rows}
+                              "sizes": res.sizes, "rows": rows}
     return out
 
 

@@ -49,7 +49,8 @@ from clax.edits import ssd_dampen, ssd_search_alpha
 from clax.fisher import diagonal_fisher
 from clax.metrics.unlearning import UnlearningSplit, reference_gap, unlearning_metrics
 from clax.models import make_model
-from clax.training import ModelFns, StepFns, TrainArrays, data_mesh, make_method
+from clax.core import ModelFns, TrainArrays, make_method
+from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches, host_batches
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -13,8 +13,7 @@ task and tasks never come back. Real streams do not look like that. This module 
   a scenario as an online stream (``Scenario.online``): one pass over the data and no
   task boundaries given to the method. The training loop then trains one epoch per task,
   hides the task index from the method, and refuses methods that need boundaries
-  (boundary hooks, their own training data) unless they declare a fallback
-  (`clax.training.Method.online_fallback`).
+  (boundary hooks, their own training data).
 
 The sample plans are plain index computations (`blurry_split`, `recurring_split`) over a
 label vector, deterministic given ``seed``, so they can be inspected and tested apart from
@@ -29,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from clax._validation import check_unit_interval
+from clax._validation import check_positive_int, check_unit_interval
 from clax.data.dataset import Dataset
 from clax.data.scenarios import (
     SCENARIOS,
@@ -62,14 +61,8 @@ _EPS = 1e-9
 # Checks and helpers
 
 
-def _check_positive_int(value: Any, arg: str) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_labels(labels: Any, num_classes: Any) -> tuple[np.ndarray, int]:
-    num_classes = _check_positive_int(num_classes, "num_classes")
+    num_classes = check_positive_int("num_classes", num_classes)
     y = np.asarray(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be a 1-D int array, got {y.dtype} {y.shape}")
@@ -188,6 +181,7 @@ def blurry_split(
         A `BlurrySplit`.
 
     Raises:
+        TypeError: naming the argument: a share or ``num_classes`` of the wrong type.
         ValueError: naming the argument: ``num_tasks`` < 1 or larger than ``num_classes``,
             a share outside [0, 1], bad labels or seed, or a task left without samples.
     """
@@ -352,6 +346,7 @@ def recurring_split(
         A `RecurringSplit`.
 
     Raises:
+        TypeError: naming the argument: a count or ``recurrence`` of the wrong type.
         ValueError: naming the argument: ``num_tasks`` or ``classes_per_task`` < 1,
             ``classes_per_task`` > ``num_classes``, ``recurrence`` outside [0, 1],
             ``samples_per_class`` larger than a class, or a class occurring more often
@@ -359,14 +354,14 @@ def recurring_split(
     """
     y, C = _check_labels(labels, num_classes)
     T = _check_num_tasks(num_tasks)
-    k = _check_positive_int(classes_per_task, "classes_per_task")
+    k = check_positive_int("classes_per_task", classes_per_task)
     r = check_unit_interval("recurrence", recurrence)
     if k > C:
         raise ValueError(
             f"classes_per_task={k} is more than the {C} classes (num_classes)"
         )
     if samples_per_class is not None:
-        samples_per_class = _check_positive_int(samples_per_class, "samples_per_class")
+        samples_per_class = check_positive_int("samples_per_class", samples_per_class)
     rng = _rng(seed, _STREAM_RECURRING)
     task_classes: list[np.ndarray] = []
     repeats = np.full(T, -1, np.int32)
@@ -492,8 +487,9 @@ def as_online(scenario: Scenario) -> Scenario:
     Equivalent to ``make_scenario(name, dataset, online=True, ...)``. The training loop
     (`clax.training.train_continual`) then trains one epoch per task whatever
     ``config.train.epochs_per_task`` says, passes task index 0 and task ids 0 to the
-    method's step hooks, calls no boundary hooks and refuses methods that need them
-    unless they declare ``Method.online_fallback``. Evaluation still reports every task.
+    method's step hooks, and refuses methods that need boundaries (``before_task`` or
+    ``consolidate`` hooks, their own ``training_data``). Evaluation still reports every
+    task.
 
     Raises:
         TypeError: ``scenario`` is not a `Scenario`.

@@ -5,7 +5,7 @@ gradients on the first task only, then frozen; the classifier lives in the metho
 memory, is updated in closed form at each task end from the features of that task's
 training data, and replaces the model's head at evaluation (``Method.predict``).
 
-* **Freezing.** A ``post_transform`` (:func:`freeze_after`) zeroes the optimizer's final
+* **Freezing.** An update-space transform (:func:`freeze_after`, ``after``) zeroes the optimizer's final
   updates once ``task_index >= 1`` (the loop passes ``task_index`` as an extra arg from
   ``StepContext.task_index``). It sits after the base optimizer so momentum, Adam moments
   and weight decay cannot move frozen weights either. Later tasks still run their training
@@ -41,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clax._validation import check_int, check_positive_int, check_real
 from clax.analytic import prototypes as protos
 from clax.analytic import rls
-from clax.training.method import BoundaryContext, Method, TrainState, register_method
-
-PyTree = Any
+from clax.core import BoundaryContext, Method, TrainState, after, register_method
+from clax.models.batched import padded_batches
+from clax.typing import PyTree
 
 __all__ = ["acil", "freeze_after", "lda", "ncm"]
 
@@ -66,10 +67,10 @@ def freeze_after(num_tasks: int = 1) -> optax.GradientTransformationExtraArgs:
       num_tasks: number of leading tasks trained with gradients (a positive int).
 
     Raises:
-      ValueError: if ``num_tasks`` is not a positive int.
+      TypeError: if ``num_tasks`` is not an int.
+      ValueError: if ``num_tasks < 1``.
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    num_tasks = check_positive_int("num_tasks", num_tasks)
 
     def init_fn(params):
         del params
@@ -100,23 +101,6 @@ def _head_shape(params: PyTree, method: str) -> tuple[int, int]:
     return int(d), int(c)
 
 
-def _check_real(name: str, value: Any, low: float, *, low_open: bool, high: float = math.inf,
-                high_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 class _Absorber:
     """Jitted ``(memory, params, model_state, x, y, mask) -> memory`` per model, cached."""
 
@@ -138,22 +122,18 @@ class _Absorber:
                 return update(memory, model.features(params, model_state, x), y, mask)
 
             fn = self._cache[ctx.model] = jax.jit(absorb)
-        device = ctx.steps.mesh.devices.flat[0]
+        # One device: the same single-device computation whatever the run's mesh.
+        device = jax.devices()[0]
         on_one = jax.device_put((memory, state.params, state.model_state), device)
         memory, params, model_state = on_one
         x, y = np.asarray(ctx.train.x), np.asarray(ctx.train.y, np.int32)
-        b = _FEATURE_BATCH
-        for i in range(0, len(y), b):
-            xb, yb = x[i:i + b], y[i:i + b]
-            mask = np.zeros(b, bool)
-            mask[:len(yb)] = True
-            if len(yb) < b:  # pad: one compiled shape for every batch
-                xb = np.concatenate([xb, np.zeros((b - len(yb), *xb.shape[1:]), xb.dtype)])
-                yb = np.concatenate([yb, np.zeros(b - len(yb), np.int32)])
+        # The last batch is padded (one compiled shape for every batch) and masked out.
+        for (xb, yb), num_valid in padded_batches((x, y), batch_size=_FEATURE_BATCH):
+            mask = np.arange(_FEATURE_BATCH) < num_valid
             put = jax.device_put((xb, yb, mask), device)
             memory = fn(memory, params, model_state, *put)
         # Wait here: dispatch is asynchronous, and the loop times its consolidate call.
-        return ctx.steps.replicate(jax.block_until_ready(memory))
+        return jax.block_until_ready(memory)  # the loop places it on the mesh
 
 
 # ----------------------------------------------------------------------------- methods
@@ -185,12 +165,13 @@ def acil(*, gamma: float = 0.1, buffer_size: int = 2048, buffer_seed: int = 0) -
       The method.
 
     Raises:
+      TypeError: on a hyperparameter of the wrong type (e.g. a float ``buffer_size``).
       ValueError: on a hyperparameter out of range; at init, on a model without a single
         ``(D, C)`` linear head.
     """
-    gamma = _check_real("gamma", gamma, 0.0, low_open=True)
-    buffer_size = _check_int("buffer_size", buffer_size, 0)
-    buffer_seed = _check_int("buffer_seed", buffer_seed, 0)
+    gamma = check_real("gamma", gamma, 0.0, math.inf, low_open=True, high_open=True)
+    buffer_size = check_int("buffer_size", buffer_size, low=0)
+    buffer_seed = check_int("buffer_seed", buffer_seed, low=0)
 
     def init_memory(params: PyTree) -> rls.RLSState:
         d, c = _head_shape(params, "acil")
@@ -208,7 +189,7 @@ def acil(*, gamma: float = 0.1, buffer_size: int = 2048, buffer_seed: int = 0) -
         del task_ids
         return rls.predict(memory, features)
 
-    return Method(name="acil", post_transform=freeze_after(1), extra_args=_task_index_arg,
+    return Method(name="acil", optimizer=after(freeze_after(1)), extra_args=_task_index_arg,
                   init_memory=init_memory, consolidate=consolidate, predict=predict)
 
 
@@ -237,9 +218,8 @@ def ncm(*, teen_alpha: float = 0.0, teen_tau: float = protos.TEEN_TAU) -> Method
     Returns:
       The method.
     """
-    alpha = _check_real("teen_alpha", teen_alpha, 0.0, low_open=False, high=1.0,
-                        high_open=False)
-    tau = _check_real("teen_tau", teen_tau, 0.0, low_open=True)
+    alpha = check_real("teen_alpha", teen_alpha, 0.0, 1.0, low_open=False, high_open=False)
+    tau = check_real("teen_tau", teen_tau, 0.0, math.inf, low_open=True, high_open=True)
 
     def init_memory(params: PyTree) -> dict[str, Any]:
         d, c = _head_shape(params, "ncm")
@@ -264,7 +244,7 @@ def ncm(*, teen_alpha: float = 0.0, teen_tau: float = protos.TEEN_TAU) -> Method
                                                tau=tau)
         return protos.cosine_logits(prototypes, seen, features)
 
-    return Method(name="ncm", post_transform=freeze_after(1), extra_args=_task_index_arg,
+    return Method(name="ncm", optimizer=after(freeze_after(1)), extra_args=_task_index_arg,
                   init_memory=init_memory, consolidate=consolidate, predict=predict)
 
 
@@ -287,7 +267,8 @@ def lda(*, shrinkage: float = protos.LDA_SHRINKAGE) -> Method:
     Returns:
       The method.
     """
-    shrinkage = _check_real("shrinkage", shrinkage, 0.0, low_open=True)
+    shrinkage = check_real("shrinkage", shrinkage, 0.0, math.inf, low_open=True,
+                           high_open=True)
 
     def init_memory(params: PyTree) -> dict[str, Any]:
         d, c = _head_shape(params, "lda")
@@ -315,5 +296,5 @@ def lda(*, shrinkage: float = protos.LDA_SHRINKAGE) -> Method:
                             precision=jax.lax.Precision.HIGHEST) - 0.5 * memory["bias"]
         return jnp.where(memory["stats"].counts > 0, logits, protos.UNSEEN_LOGIT)
 
-    return Method(name="lda", post_transform=freeze_after(1), extra_args=_task_index_arg,
+    return Method(name="lda", optimizer=after(freeze_after(1)), extra_args=_task_index_arg,
                   init_memory=init_memory, consolidate=consolidate, predict=predict)

@@ -16,13 +16,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clax._validation import check_bool, check_real
 from clax.params.paths import path_str
-from clax.training.method import BoundaryContext, Method, StepContext, TrainState, register_method
+from clax.core import (
+    BoundaryContext,
+    Method,
+    StepContext,
+    TrainState,
+    chain_around,
+    register_method,
+)
 from clax.transforms.coso import CoSOState, coso_bases, coso_task_end
 from clax.transforms.coso import coso as coso_transform
 from clax.transforms.ema import find_state
-
-PyTree = Any
+from clax.typing import PyTree
 
 __all__ = ["coso", "freeze_after_first_task"]
 
@@ -30,7 +37,7 @@ __all__ = ["coso", "freeze_after_first_task"]
 def freeze_after_first_task(frozen: PyTree) -> optax.GradientTransformationExtraArgs:
     """Zeroes the updates of the ``frozen`` leaves once ``task_index > 0`` (extra arg).
 
-    Chained *after* the base optimizer (``Method.post_transform``), so the frozen leaves do
+    Chained *after* the base optimizer (``chain_around(after=...)``), so the frozen leaves do
     not move whatever the optimizer's momentum holds.
 
     Args:
@@ -144,30 +151,22 @@ def coso(
         The method.
 
     Raises:
+        TypeError: On a hyperparameter of the wrong type (a non-number ``threshold``, a
+            non-string ``head_pattern``, a non-bool ``freeze_other_after_first_task``, ...).
         ValueError: On hyperparameters outside their ranges.
-        TypeError: On a non-string ``head_pattern`` or non-bool
-            ``freeze_other_after_first_task``.
     """
-    for name, value, low, high in (("threshold", threshold, 0.0, 1.0), ("b1", b1, 0.0, 1.0),
-                                   ("b2", b2, 0.0, 1.0)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value) and (low < value < high if name == "threshold"
-                                              else low <= value < high)
-        if not ok:
-            raise ValueError(f"{name} must be a number in "
-                             f"{'(' if name == 'threshold' else '['}{low}, {high}), got {value!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    threshold = check_real("threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
+    b1 = check_real("b1", b1, 0.0, 1.0, low_open=False, high_open=True)
+    b2 = check_real("b2", b2, 0.0, 1.0, low_open=False, high_open=True)
+    eps = check_real("eps", eps, 0.0, math.inf, low_open=False, high_open=True)
     if not isinstance(head_pattern, str):
-        raise TypeError(f"head_pattern must be a regex string, got {head_pattern!r}")
+        raise TypeError(f"head_pattern must be a regex string, got {head_pattern!r} "
+                        f"({type(head_pattern).__name__})")
     try:
         re.compile(head_pattern)
     except re.error as e:
         raise ValueError(f"head_pattern {head_pattern!r} is not a valid regex: {e}") from e
-    if not isinstance(freeze_other_after_first_task, bool):
-        raise TypeError("freeze_other_after_first_task must be a bool, got "
-                         f"{freeze_other_after_first_task!r}")
-    threshold = float(threshold)
+    check_bool("freeze_other_after_first_task", freeze_other_after_first_task)
     transform = coso_transform(
         proj_rank=proj_rank,
         sketch_rank=sketch_rank,
@@ -208,5 +207,5 @@ def coso(
 
         post = optax.GradientTransformationExtraArgs(_post_init, _post_update)
 
-    return Method(name="coso", transform=transform, post_transform=post,
+    return Method(name="coso", optimizer=chain_around(before=transform, after=post),
                   init_memory=init_memory, extra_args=extra_args, consolidate=consolidate)

@@ -22,19 +22,19 @@ formulas). The penalty convention is ``(λ/2)·Σ F(θ − θ*)²`` (with the ½
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clax._validation import check_choice, check_int
 from clax.fisher.estimators import GRANULARITIES, LABELS, NORMALIZATIONS, diagonal_fisher
-from clax.training.method import (
+from clax.core import (
     BoundaryContext,
     Method,
     StepContext,
     TrainArrays,
     TrainState,
+    before,
     register_method,
 )
 from clax.transforms.ewc import (
@@ -44,31 +44,18 @@ from clax.transforms.ewc import (
     ewc_penalty,
     init_ewc_memory,
 )
-
-PyTree = Any
-
-
-def _check_choice(name: str, value: Any, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+from clax.typing import PyTree
 
 
 def _fisher_fn(labels: str, granularity: str, normalization: str, batch_size: int,
                max_examples: int):
     """``(state, ctx) -> (F, params)``: the Fisher of the task just trained (eval mode)
     and the parameters it was computed at, both on the host."""
-    _check_choice("fisher_labels", labels, LABELS)
-    _check_choice("fisher_granularity", granularity, GRANULARITIES)
-    _check_choice("fisher_normalization", normalization, NORMALIZATIONS)
-    _check_int("fisher_batch_size", batch_size, 1)
-    _check_int("fisher_max_examples", max_examples, 0)
+    check_choice("fisher_labels", labels, LABELS)
+    check_choice("fisher_granularity", granularity, GRANULARITIES)
+    check_choice("fisher_normalization", normalization, NORMALIZATIONS)
+    check_int("fisher_batch_size", batch_size, low=1)
+    check_int("fisher_max_examples", max_examples, low=0)
 
     def fisher(state: TrainState, ctx: BoundaryContext) -> PyTree:
         data = ctx.train
@@ -83,7 +70,7 @@ def _fisher_fn(labels: str, granularity: str, normalization: str, batch_size: in
         return diagonal_fisher(
             ctx.model, params, data, model_state=model_state, labels=labels,
             granularity=granularity, normalization=normalization, batch_size=batch_size,
-            key=key_labels, logit_masks=ctx.steps.logit_masks,
+            key=key_labels, logit_masks=getattr(ctx.objective, "logit_masks", None),
         ), params
 
     return fisher
@@ -102,7 +89,7 @@ def _ewc_method(name: str, lam: float, mode: str, decay: float, fisher_fn) -> Me
         return state._replace(memory=consolidate_ewc(memory, fisher, params, mode=mode,
                                                      decay=decay))
 
-    return Method(name=name, transform=ewc_penalty(lam=lam), init_memory=init_memory,
+    return Method(name=name, optimizer=before(ewc_penalty(lam=lam)), init_memory=init_memory,
                   extra_args=extra_args, consolidate=consolidate)
 
 
@@ -146,6 +133,7 @@ def ewc(
         The method.
 
     Raises:
+        TypeError: On a hyperparameter of the wrong type.
         ValueError: On a hyperparameter out of range.
     """
     lam = _check_lam(lam)
@@ -184,6 +172,7 @@ def online_ewc(
         The method.
 
     Raises:
+        TypeError: On a hyperparameter of the wrong type.
         ValueError: On a hyperparameter out of range.
     """
     lam = _check_lam(lam)
@@ -210,6 +199,7 @@ def l2(*, lam: float = 0.1) -> Method:
         The method.
 
     Raises:
+        TypeError: On a non-number ``λ``.
         ValueError: On ``λ < 0``.
     """
     lam = _check_lam(lam)
@@ -229,5 +219,5 @@ def l2(*, lam: float = 0.1) -> Method:
             "count": state.memory["count"] + 1,
         })
 
-    return Method(name="l2", transform=ewc_penalty(lam=lam), init_memory=init_memory,
+    return Method(name="l2", optimizer=before(ewc_penalty(lam=lam)), init_memory=init_memory,
                   extra_args=extra_args, consolidate=consolidate)

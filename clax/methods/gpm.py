@@ -31,15 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clax._validation import (
+    check_bool,
+    check_choice,
+    check_positive_int,
+    check_real,
+    check_sequence,
+)
 from clax.models.capture import capture_layer_inputs
 from clax.params.paths import path_str, plain_path
-from clax.subspace.basis import SubspaceBasis, check_threshold, empty_basis, grow_basis
+from clax.subspace.basis import SubspaceBasis, empty_basis, grow_basis
 from clax.subspace.representations import DEFAULT_MAX_COLUMNS, collect_representations
-from clax.training.method import BoundaryContext, Method, TrainState, register_method
+from clax.core import BoundaryContext, Method, TrainState, after, before, register_method
 from clax.transforms.projection import bases_by_path, one_dimensional, subspace_projection
-
-PyTree = Any
-Path = tuple[Any, ...]
+from clax.typing import Path, PyTree
 
 
 def _projected_fan_in(path: Path, leaf: Any) -> int | None:
@@ -203,14 +208,8 @@ def gpm_consolidate(
 
 
 def _check_unit(name: str, value: Any) -> float:
-    check_threshold(value, name)
-    return float(value)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    """An energy threshold ``ε`` in ``(0, 1)``."""
+    return check_real(name, value, 0.0, 1.0, low_open=True, high_open=True)
 
 
 @register_method("gpm")
@@ -257,25 +256,19 @@ def gpm(
         The method.
 
     Raises:
+        TypeError: On a hyperparameter of the wrong type (e.g. a float ``num_samples``).
         ValueError: On a hyperparameter outside its range.
     """
     threshold = _check_unit("threshold", threshold)
-    if not isinstance(layer_thresholds, (tuple, list)):
-        raise ValueError(f"layer_thresholds must be a tuple of floats, got {layer_thresholds!r}")
-    layer_thresholds = tuple(
-        _check_unit(f"layer_thresholds[{i}]", v) for i, v in enumerate(layer_thresholds))
-    if (isinstance(threshold_increment, bool)
-            or not isinstance(threshold_increment, (int, float))
-            or not 0 <= threshold_increment < 1):
-        raise ValueError(f"threshold_increment must be in [0, 1), got {threshold_increment!r}")
-    num_samples = _check_positive_int("num_samples", num_samples)
-    max_columns = _check_positive_int("max_columns", max_columns)
-    if not isinstance(freeze_1d_after_first_task, bool):
-        raise ValueError(
-            f"freeze_1d_after_first_task must be a bool, got {freeze_1d_after_first_task!r}")
-    if project not in ("gradient", "update"):
-        raise ValueError(f"project must be 'gradient' or 'update', got {project!r}")
-    rank_buckets = _check_positive_int("rank_buckets", rank_buckets)
+    layer_thresholds = check_sequence("layer_thresholds", layer_thresholds, _check_unit)
+    threshold_increment = check_real("threshold_increment", threshold_increment, 0.0, 1.0,
+                                     low_open=False, high_open=True)
+    num_samples = check_positive_int("num_samples", num_samples)
+    max_columns = check_positive_int("max_columns", max_columns)
+    freeze_1d_after_first_task = check_bool("freeze_1d_after_first_task",
+                                            freeze_1d_after_first_task)
+    project = check_choice("project", project, ("gradient", "update"))
+    rank_buckets = check_positive_int("rank_buckets", rank_buckets)
 
     tx = subspace_projection(
         freeze_mask=one_dimensional if freeze_1d_after_first_task else None,
@@ -291,8 +284,7 @@ def gpm(
 
     return Method(
         name="gpm",
-        transform=tx if project == "gradient" else None,
-        post_transform=tx if project == "update" else None,
+        optimizer=before(tx) if project == "gradient" else after(tx),
         init_memory=gpm_memory,
         extra_args=lambda ctx: {"bases": ctx.memory},
         consolidate=consolidate,

@@ -1,10 +1,10 @@
 """Rehearsal methods: ER, DER++, A-GEM and replay with Reptile gradient alignment.
 
-Registered with the `Method` contract (``clax.training.method``). Every method keeps a
+Registered with the `Method` contract (``clax.core.method``). Every method keeps a
 fixed-capacity replay buffer (:mod:`clax.replay.buffer`) as its memory; the buffer's shapes
 come from the run's `DataSpec` (``init_memory(params, *, data)``). Each step samples from
-the buffer *before* the current batch is inserted (``loss_terms`` / ``extra_args`` read
-``ctx.memory``), and ``update_memory`` inserts the current batch afterwards, as Mammoth's
+the buffer *before* the current batch is inserted (``replay`` / ``loss_terms`` /
+``extra_args`` read ``ctx.memory``), and ``update_memory`` inserts the current batch afterwards, as Mammoth's
 ``observe`` does. Samples are drawn uniformly **with replacement** from the filled slots
 (Mammoth draws without replacement; the expectation is the same). While the buffer is
 empty the replay terms have weight 0.
@@ -28,13 +28,17 @@ import numpy as np
 from clax._validation import check_real
 from clax.replay.buffer import BufferState, balanced_insert, init_buffer, reservoir_insert, sample
 from clax.replay.reptile import reptile
-from clax.training.method import (
-    Batch,
+from clax.core import (
     BoundaryContext,
     DataSpec,
     Method,
+    Replay,
     StepContext,
+    StepOutputs,
     TrainState,
+    around,
+    before,
+    plain,
     register_method,
 )
 from clax.transforms.agem import agem as agem_transform
@@ -57,23 +61,27 @@ def _key(ctx: StepContext, purpose: int) -> jax.Array:
 
 def _buffer_init(method: str, buffer_size: int, *, logits: bool = False,
                  num_groups: int | None = None):
+    """``init_memory(params, *, data)``: a buffer of ``buffer_size`` examples shaped like
+    ``data.example`` (any pytree: images and labels, token sequences and targets), with
+    ``data.output``-shaped model outputs when `logits` (DER++)."""
+
     def init_memory(params: PyTree, *, data: DataSpec | None = None) -> BufferState:
         del params
         if data is None:
             raise ValueError(
-                f"{method}: init_memory needs the run's data=DataSpec(input_shape, "
-                "num_classes) to size its replay buffer (StepFns.init_state passes it)"
+                f"{method}: init_memory needs the run's data=DataSpec(example, output) to "
+                "size its replay buffer (StepFns.init_state passes it)"
             )
-        return init_buffer(buffer_size, data.input_shape,
-                           num_logits=data.num_classes if logits else None,
-                           num_groups=num_groups)
+        return init_buffer(buffer_size, example=data.example,
+                           outputs=data.output if logits else None, num_groups=num_groups)
 
     return init_memory
 
 
 def _replay_size(ctx: StepContext, ratio: float) -> int:
     """Replay batch size ``M = max(1, round(ratio·B))`` (static: B is the batch's shape)."""
-    return max(1, round(ratio * ctx.batch.y.shape[0]))
+    # task_ids is (B,) for every objective; x and y may be pytrees.
+    return max(1, round(ratio * ctx.batch.task_ids.shape[0]))
 
 
 def _effective_size(ctx: StepContext, m: int) -> jax.Array:
@@ -86,28 +94,28 @@ def _mixed_batch_method(name: str, *, buffer_size: int, replay_ratio: float,
                         wrapper=None, start_task: int | None = None) -> Method:
     """ER's mixed batch: the mean loss over [current batch; replay batch], in one pass."""
 
-    def extra_batch(ctx: StepContext) -> tuple[Batch, jax.Array]:
+    def replay(ctx: StepContext) -> Replay:
         m = _replay_size(ctx, replay_ratio)
         s = sample(ctx.memory, _key(ctx, _SAMPLE), m)
         # M draws stand for min(M, stored) examples (Mammoth's get_data): each weighs
         # min(M, stored)/M, so the loss is (B·L_cur + m·L_mem)/(B + m); 0 when empty.
         w = _effective_size(ctx, m) / m
-        return s.batch, jnp.full((m,), w, jnp.float32)
+        return Replay(s.batch, jnp.full((m,), w, jnp.float32))
 
     extra_args = None
     if start_task is not None:
         def extra_args(ctx: StepContext) -> dict[str, jax.Array]:
             return {"reptile_active": ctx.task_index >= start_task}
 
-    def update_memory(memory, ctx: StepContext, logits, new_params):
-        del logits, new_params
+    def update_memory(memory, ctx: StepContext, out: StepOutputs):
+        del out
         return reservoir_insert(memory, ctx.batch, _key(ctx, _INSERT))
 
     return Method(
         name=name,
-        wrapper=wrapper,
+        optimizer=around(wrapper) if wrapper is not None else plain,
         init_memory=_buffer_init(name, buffer_size),
-        extra_batch=extra_batch,
+        replay=replay,
         extra_args=extra_args,
         update_memory=update_memory,
     )
@@ -127,7 +135,7 @@ def er(*, buffer_size: int = 200, replay_ratio: float = 1.0) -> Method:
         \\mathcal L = \\frac{B\\,\\mathcal L_{cur} + m\\,\\mathcal L_{mem}}{B + m}
 
     computed in one forward/backward pass over the concatenated batch
-    (``Method.extra_batch``; each of the ``M`` draws weighs ``m/M``, so an empty buffer
+    (``Method.replay``; each of the ``M`` draws weighs ``m/M``, so an empty buffer
     gives a plain finetune step). As in Mammoth, batch statistics (BatchNorm) see the
     concatenated batch. After the update, the current batch enters the reservoir buffer
     (Vitter's algorithm R).
@@ -156,9 +164,10 @@ def derpp(*, buffer_size: int = 200, alpha: float = 0.1, beta: float = 0.5,
 
     Buzzega et al., "Dark Experience for General Continual Learning: a Strong, Simple
     Baseline", NeurIPS 2020 (https://arxiv.org/abs/2004.07211); Mammoth
-    ``models/derpp.py``. The buffer (reservoir) stores each example with its label and the
-    logits the model gave it when it was trained on (before that step's update). Each step
-    draws two independent replay batches of ``M = round(replay_ratio · B)`` examples:
+    ``models/derpp.py``. The buffer (reservoir) stores each example with its targets and
+    the outputs (logits) the model gave it when it was trained on (before that step's
+    update). Each step draws two independent replay batches of
+    ``M = round(replay_ratio · B)`` examples:
 
     .. math::
 
@@ -166,10 +175,11 @@ def derpp(*, buffer_size: int = 200, alpha: float = 0.1, beta: float = 0.5,
             + \\alpha\\,\\mathrm{mean}\\big((f_\\theta(x') - z')^2\\big)
             + \\beta\\,\\mathrm{CE}(f_\\theta(x''), y'')
 
-    (the MSE averages over examples and logits, like ``F.mse_loss``; the CE is the run's
-    task loss). Defaults ``alpha = 0.1``, ``beta = 0.5`` are Mammoth's best arguments for
-    Seq-CIFAR-10 with buffer 200 (``utils/best_args.py``); the paper tunes them per
-    benchmark and buffer size.
+    (the MSE averages over every stored output entry, like ``F.mse_loss``: over
+    ``(m, C)`` logits for a classifier, ``(m, L, V)`` for a language model; the CE is the
+    run's task loss, next-token cross-entropy for an LM). Defaults ``alpha = 0.1``,
+    ``beta = 0.5`` are Mammoth's best arguments for Seq-CIFAR-10 with buffer 200
+    (``utils/best_args.py``); the paper tunes them per benchmark and buffer size.
 
     Args:
         buffer_size: Buffer capacity, a positive int.
@@ -194,13 +204,13 @@ def derpp(*, buffer_size: int = 200, alpha: float = 0.1, beta: float = 0.5,
         s1 = sample(ctx.memory, _key(ctx, _SAMPLE), m)
         s2 = sample(ctx.memory, _key(ctx, _SAMPLE_2), m)
         out = ctx.apply(params, s1.batch.x, s1.batch.task_ids)
-        mse = jnp.mean((out.astype(jnp.float32) - s1.logits) ** 2)
+        # F.mse_loss: the mean over every stored entry, (m, C) or (m, L, V) for an LM.
+        mse = jnp.mean((out.astype(jnp.float32) - s1.logits.astype(jnp.float32)) ** 2)
         ce = ctx.loss(params, s2.batch)
         return s1.weight * (alpha * mse + beta * ce)
 
-    def update_memory(memory, ctx: StepContext, logits, new_params):
-        del new_params
-        return reservoir_insert(memory, ctx.batch, _key(ctx, _INSERT), logits=logits)
+    def update_memory(memory, ctx: StepContext, out: StepOutputs):
+        return reservoir_insert(memory, ctx.batch, _key(ctx, _INSERT), logits=out.outputs)
 
     return Method(
         name="derpp",
@@ -253,8 +263,8 @@ def agem(*, buffer_size: int = 200, reference_size: int = 256, max_tasks: int = 
         g_ref = jax.grad(ctx.loss)(ctx.params, s.batch)
         return {"reference_grads": jax.tree.map(lambda g: g * s.weight.astype(g.dtype), g_ref)}
 
-    def update_memory(memory, ctx: StepContext, logits, new_params):
-        del logits, new_params
+    def update_memory(memory, ctx: StepContext, out: StepOutputs):
+        del out
         return balanced_insert(memory, ctx.batch, _key(ctx, _INSERT), by="task")
 
     def before_task(state: TrainState, ctx: BoundaryContext) -> TrainState:
@@ -269,7 +279,7 @@ def agem(*, buffer_size: int = 200, reference_size: int = 256, max_tasks: int = 
 
     return Method(
         name="agem",
-        transform=agem_transform(),
+        optimizer=before(agem_transform()),
         init_memory=_buffer_init("agem", buffer_size, num_groups=max_tasks),
         extra_args=extra_args,
         update_memory=update_memory,

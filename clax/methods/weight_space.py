@@ -1,6 +1,6 @@
 """Weight-space methods: EMA balancing, weight averaging, LiNeS editing, slow learner (SLCA).
 
-Registered with the `Method` contract (``clax.training.method``):
+Registered with the `Method` contract (``clax.core.method``):
 
 * ``ema`` / ``adaptive_ema``: an EMA of the parameters kept by
   :func:`clax.transforms.ema.ema_balancing`, swapped into the model at each task end (Large
@@ -22,15 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clax._validation import check_real
+from clax._validation import check_bool, check_int, check_positive_int, check_real
 from clax.edits.averaging import WeightAveragingState
 from clax.edits.averaging import weight_averaging as _weight_averaging
 from clax.edits.lines import lines_scale
 from clax.params.paths import block_depths, head_backbone_labels
-from clax.training.method import BoundaryContext, Method, TrainState, register_method
+from clax.core import BoundaryContext, Method, TrainState, after, around, register_method
+from clax.models.batched import batched_apply
 from clax.transforms.ema import EMABalancingState, ema_balancing, find_state
-
-PyTree = Any
+from clax.typing import PyTree
 
 # SLCA's classifier-alignment constants (``models/slca.py``): weight decay and momentum of
 # the head optimizer, and the ridge added to each class covariance.
@@ -38,18 +38,6 @@ CA_WEIGHT_DECAY = 5e-4
 CA_COV_RIDGE = 1e-4
 CA_MOMENTUM = 0.9
 _FEATURE_BATCH = 512
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def swap_in(state: TrainState, state_type: type, field: str, **more: Any) -> TrainState:
@@ -91,12 +79,6 @@ def _set_tracked(state: TrainState, state_type: type, field: str, **more: Any) -
     return state._replace(opt_state=opt_state)
 
 
-def _check_start_task(start_task: Any) -> int:
-    if isinstance(start_task, bool) or not isinstance(start_task, int) or start_task < 0:
-        raise ValueError(f"start_task must be an int >= 0, got {start_task!r}")
-    return start_task
-
-
 def _tracking_consolidate(state_type: type, field: str, *, swap: bool, start_task: int,
                           restart: dict[str, Any]):
     """Task-end hook: restart the tracked tree after task ``start_task − 1``, swap after."""
@@ -118,7 +100,7 @@ def _tracking_consolidate(state_type: type, field: str, *, swap: bool, start_tas
 def _ema_method(name: str, wrapper, swap_at_task_end: bool, start_task: int) -> Method:
     consolidate = _tracking_consolidate(EMABalancingState, "ema", swap=swap_at_task_end,
                                         start_task=start_task, restart={})
-    return Method(name=name, wrapper=wrapper, consolidate=consolidate)
+    return Method(name=name, optimizer=around(wrapper), consolidate=consolidate)
 
 
 @register_method("ema")
@@ -153,12 +135,13 @@ def ema(*, decay: float = 0.99, swap_at_task_end: bool = True, start_task: int =
         The method.
 
     Raises:
-        ValueError: On ``decay`` outside ``[0, 1)``, a non-bool ``swap_at_task_end`` or a
-            negative ``start_task``.
+        TypeError: On a non-number ``decay``, a non-bool ``swap_at_task_end`` or a non-int
+            ``start_task``.
+        ValueError: On ``decay`` outside ``[0, 1)`` or a negative ``start_task``.
     """
     decay = check_real("decay", decay, 0.0, 1.0, low_open=False, high_open=True)
-    _check_bool("swap_at_task_end", swap_at_task_end)
-    start_task = _check_start_task(start_task)
+    check_bool("swap_at_task_end", swap_at_task_end)
+    start_task = check_int("start_task", start_task, low=0)
     return _ema_method("ema", lambda tx: ema_balancing(tx, decay=decay), swap_at_task_end,
                        start_task)
 
@@ -194,12 +177,13 @@ def adaptive_ema(
         The method.
 
     Raises:
-        ValueError: On ``fallback_rate`` outside ``(0, 1)``, a non-bool
-            ``swap_at_task_end`` or a negative ``start_task``.
+        TypeError: On a non-number ``fallback_rate``, a non-bool ``swap_at_task_end`` or a
+            non-int ``start_task``.
+        ValueError: On ``fallback_rate`` outside ``(0, 1)`` or a negative ``start_task``.
     """
     rate = check_real("fallback_rate", fallback_rate, 0.0, 1.0, low_open=True, high_open=True)
-    _check_bool("swap_at_task_end", swap_at_task_end)
-    start_task = _check_start_task(start_task)
+    check_bool("swap_at_task_end", swap_at_task_end)
+    start_task = check_int("start_task", start_task, low=0)
     return _ema_method(
         "adaptive_ema",
         lambda tx: ema_balancing(tx, adaptive=True, fallback_rate=rate),
@@ -236,19 +220,20 @@ def weight_averaging(
         The method.
 
     Raises:
-        ValueError: On a bad ``every``, a non-bool ``swap_at_task_end`` or a negative
-            ``start_task``.
+        TypeError: On a non-int ``every`` or ``start_task``, or a non-bool
+            ``swap_at_task_end``.
+        ValueError: On ``every < 1`` or a negative ``start_task``.
     """
-    every = _check_positive_int("every", every)
-    _check_bool("swap_at_task_end", swap_at_task_end)
-    start_task = _check_start_task(start_task)
+    every = check_positive_int("every", every)
+    check_bool("swap_at_task_end", swap_at_task_end)
+    start_task = check_int("start_task", start_task, low=0)
     consolidate = _tracking_consolidate(
         WeightAveragingState, "average", swap=swap_at_task_end, start_task=start_task,
         restart={"num_averaged": jnp.ones((), jnp.int32)},
     )
     return Method(
         name="weight_averaging",
-        wrapper=lambda tx: _weight_averaging(tx, every=every),
+        optimizer=around(lambda tx: _weight_averaging(tx, every=every)),
         consolidate=consolidate,
     )
 
@@ -278,6 +263,7 @@ def lines(*, lam: float = 0.5) -> Method:
         The method.
 
     Raises:
+        TypeError: On a non-number ``lam``.
         ValueError: On ``lam`` outside ``[0, 1]``; at init, if the model's block depths
             cannot be derived from its parameter paths.
     """
@@ -325,10 +311,8 @@ def class_statistics(features: np.ndarray, labels: np.ndarray, classes: np.ndarr
 
 def _batched_features(ctx: BoundaryContext, state: TrainState, x: np.ndarray) -> np.ndarray:
     features = jax.jit(ctx.model.features)
-    return np.concatenate([
-        np.asarray(features(state.params, state.model_state, x[i:i + _FEATURE_BATCH]))
-        for i in range(0, len(x), _FEATURE_BATCH)
-    ])
+    return batched_apply(lambda xb: features(state.params, state.model_state, xb), x,
+                         batch_size=_FEATURE_BATCH)
 
 
 def _ca_loss(head: PyTree, x: jax.Array, y: jax.Array, task_masks: jax.Array,
@@ -441,7 +425,7 @@ def slow_learner(
     **Slow learner.** The base optimizer's updates of backbone parameters are multiplied by
     ``backbone_lr_scale`` (SLCA: backbone lr = head lr / 100), through ``optax.partition``
     with labels from :func:`clax.params.paths.head_backbone_labels` (``head/...`` is the
-    head). As a ``post_transform`` it works with any base optimizer; for SGD this is exactly
+    head). As an update-space transform (``after``) it works with any base optimizer; for SGD this is exactly
     a backbone learning rate ``lr·s``. SLCA also trains on current-task logits only; here
     the loss is the loop's (all classes in class-incremental runs).
 
@@ -473,14 +457,15 @@ def slow_learner(
         The method.
 
     Raises:
+        TypeError: On a hyperparameter of the wrong type.
         ValueError: On a hyperparameter out of range; at init, with ``align_classifier``,
             if the parameters have no ``head/kernel`` of shape ``(D, C)``.
     """
     scale = check_real("backbone_lr_scale", backbone_lr_scale, 0.0, 1.0,
                         low_open=True, high_open=False)
-    _check_bool("align_classifier", align_classifier)
-    _check_positive_int("ca_epochs", ca_epochs)
-    _check_positive_int("ca_samples_per_class", ca_samples_per_class)
+    check_bool("align_classifier", align_classifier)
+    check_positive_int("ca_epochs", ca_epochs)
+    check_positive_int("ca_samples_per_class", ca_samples_per_class)
     ca_lr = check_real("ca_learning_rate", ca_learning_rate, 0.0, math.inf,
                         low_open=True, high_open=True)
     ca_norm = check_real("ca_logit_norm", ca_logit_norm, 0.0, math.inf,
@@ -490,7 +475,7 @@ def slow_learner(
         {"head": optax.identity(), "backbone": optax.scale(scale)}, head_backbone_labels
     )
     if not align_classifier:
-        return Method(name="slow_learner", post_transform=post)
+        return Method(name="slow_learner", optimizer=after(post))
 
     def init_memory(params: PyTree) -> PyTree:
         kernel = params.get("head", {}).get("kernel") if isinstance(params, dict) else None
@@ -536,7 +521,7 @@ def slow_learner(
         memory = {k: jnp.asarray(v) for k, v in memory.items()}
         return state._replace(params=params, memory=memory)
 
-    return Method(name="slow_learner", post_transform=post, init_memory=init_memory,
+    return Method(name="slow_learner", optimizer=after(post), init_memory=init_memory,
                   consolidate=consolidate)
 
 

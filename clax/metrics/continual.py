@@ -13,6 +13,22 @@ training) on each task.
 All accuracies are fractions in ``[0, 1]`` (not percentages). Every metric returns a Python
 ``float`` in the same units (a fraction, or a difference of fractions).
 
+Metric direction. ``R`` may also hold a metric for which lower is better (a loss, a
+perplexity): pass ``higher_is_better=False``. With the sign ``s = +1`` if higher is better and
+``s = -1`` otherwise, every metric ``f`` is computed on the oriented matrix ``s * R`` (and
+``s * b``), on which larger is always better, and reported as:
+
+* *level* metrics (ACC, average incremental accuracy): ``s * f(s * R)``, i.e. back in the
+  metric's own units (for a loss: the mean loss, unchanged by the two sign flips);
+* *difference* metrics (BWT, FWT, forgetting): ``f(s * R)`` as is, so their sign convention
+  does not depend on the metric: negative BWT and positive forgetting always mean forgetting,
+  in the metric's units. For a loss ``L``: ``BWT = 1/(T-1) sum_j (L[j, j] - L[T-1, j])`` and
+  ``f_j = L[T-1, j] - min_{l in [j, T-2]} L[l, j]``.
+
+The ``[0, 1]`` range check applies only when higher is better (accuracies); a lower-is-better
+matrix need only be finite (see :func:`validate_metric_matrix`). For a higher-is-better metric
+outside ``[0, 1]``, pass its negation with ``higher_is_better=False``.
+
 References:
     * ACC, BWT and FWT: D. Lopez-Paz and M. Ranzato, "Gradient Episodic Memory for Continual
       Learning", NeurIPS 2017, arXiv:1706.08840 (Section 4).
@@ -36,15 +52,76 @@ __all__ = [
     "average_forgetting",
     "average_incremental_accuracy",
     "backward_transfer",
+    "direction",
     "forward_transfer",
     "summarize",
     "validate_accuracy_matrix",
     "validate_baseline",
+    "validate_metric_matrix",
 ]
 
 
+def direction(higher_is_better: Any) -> float:
+    """The sign ``s``: ``+1.0`` if higher is better, ``-1.0`` if lower is better.
+
+    Raises:
+        ValueError: If ``higher_is_better`` is not a bool.
+    """
+    if not isinstance(higher_is_better, (bool, np.bool_)):
+        raise ValueError(f"higher_is_better must be a bool, got {higher_is_better!r}")
+    return 1.0 if higher_is_better else -1.0
+
+
+def validate_metric_matrix(
+    R: npt.ArrayLike, *, bounded: bool = True, name: str = "R"
+) -> np.ndarray:
+    """Checks a metric matrix and returns it as a float64 array.
+
+    Args:
+        R: Array-like of shape ``(T, T)`` with ``T >= 1``; ``R[i, j]`` is the metric on task
+            ``j`` after training on task ``i``.
+        bounded: True: entries must be fractions in ``[0, 1]`` (accuracies). False: any finite
+            number (a loss, a perplexity).
+        name: Argument name used in error messages.
+
+    Returns:
+        A new ``np.ndarray`` of dtype float64 and shape ``(T, T)``.
+
+    Raises:
+        ValueError: If ``R`` is not numeric, not 2-D, not square, empty, has non-finite entries
+            (NaN/inf), or (when ``bounded``) has entries outside ``[0, 1]``.
+    """
+    what = "accuracies" if bounded else "metric values"
+    try:
+        arr = np.array(R, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a numeric (T, T) array of {what}, got {R!r}") from e
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (T, T) array, got shape {arr.shape}")
+    if arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"{name} must be square (T, T), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one task (T >= 1), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(
+            f"{name} must be finite (evaluate every task after every task); "
+            f"{name}[{bad[0]}, {bad[1]}] = {arr[bad[0], bad[1]]}"
+        )
+    if bounded and (np.any(arr < 0.0) or np.any(arr > 1.0)):
+        bad = np.argwhere((arr < 0.0) | (arr > 1.0))[0]
+        raise ValueError(
+            f"{name} must hold accuracies as fractions in [0, 1] (not percentages); "
+            f"{name}[{bad[0]}, {bad[1]}] = {arr[bad[0], bad[1]]} (for a lower-is-better "
+            "metric pass higher_is_better=False)"
+        )
+    return arr
+
+
 def validate_accuracy_matrix(R: npt.ArrayLike, *, name: str = "R") -> np.ndarray:
-    """Checks an accuracy matrix and returns it as a float64 array.
+    """Checks an accuracy matrix (fractions in ``[0, 1]``) and returns it as a float64 array.
+
+    ``validate_metric_matrix(R, bounded=True, name=name)``.
 
     Args:
         R: Array-like of shape ``(T, T)`` with ``T >= 1``; ``R[i, j]`` is the accuracy on task
@@ -58,51 +135,32 @@ def validate_accuracy_matrix(R: npt.ArrayLike, *, name: str = "R") -> np.ndarray
         ValueError: If ``R`` is not numeric, not 2-D, not square, empty, has non-finite entries
             (NaN/inf), or has entries outside ``[0, 1]``.
     """
-    try:
-        arr = np.array(R, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a numeric (T, T) array of accuracies, got {R!r}") from e
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (T, T) array, got shape {arr.shape}")
-    if arr.shape[0] != arr.shape[1]:
-        raise ValueError(f"{name} must be square (T, T), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} must have at least one task (T >= 1), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(
-            f"{name} must be finite (evaluate every task after every task); "
-            f"{name}[{bad[0]}, {bad[1]}] = {arr[bad[0], bad[1]]}"
-        )
-    if np.any(arr < 0.0) or np.any(arr > 1.0):
-        bad = np.argwhere((arr < 0.0) | (arr > 1.0))[0]
-        raise ValueError(
-            f"{name} must hold accuracies as fractions in [0, 1] (not percentages); "
-            f"{name}[{bad[0]}, {bad[1]}] = {arr[bad[0], bad[1]]}"
-        )
-    return arr
+    return validate_metric_matrix(R, bounded=True, name=name)
 
 
-def validate_baseline(b: npt.ArrayLike, num_tasks: int, *, name: str = "b") -> np.ndarray:
-    """Checks the random-initialization accuracy vector and returns it as a float64 array.
+def validate_baseline(
+    b: npt.ArrayLike, num_tasks: int, *, name: str = "b", bounded: bool = True
+) -> np.ndarray:
+    """Checks the random-initialization vector and returns it as a float64 array.
 
     Args:
-        b: Array-like of shape ``(T,)``; ``b[j]`` is the accuracy of the freshly initialized model
-            on task ``j``, as a fraction in ``[0, 1]``.
+        b: Array-like of shape ``(T,)``; ``b[j]`` is the metric of the freshly initialized model
+            on task ``j`` (an accuracy as a fraction in ``[0, 1]`` when ``bounded``).
         num_tasks: Expected length ``T``.
         name: Argument name used in error messages.
+        bounded: True: entries must be fractions in ``[0, 1]``; False: any finite number.
 
     Returns:
         A new ``np.ndarray`` of dtype float64 and shape ``(T,)``.
 
     Raises:
-        ValueError: If ``b`` is not numeric, not 1-D of length ``num_tasks``, non-finite, or has
-            entries outside ``[0, 1]``.
+        ValueError: If ``b`` is not numeric, not 1-D of length ``num_tasks``, non-finite, or
+            (when ``bounded``) has entries outside ``[0, 1]``.
     """
     try:
         arr = np.array(b, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a numeric (T,) array of accuracies, got {b!r}") from e
+        raise ValueError(f"{name} must be a numeric (T,) array, got {b!r}") from e
     if arr.ndim != 1 or arr.shape[0] != num_tasks:
         raise ValueError(
             f"{name} must have shape ({num_tasks},) to match R's {num_tasks} tasks, "
@@ -110,12 +168,18 @@ def validate_baseline(b: npt.ArrayLike, num_tasks: int, *, name: str = "b") -> n
         )
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite, got {arr.tolist()}")
-    if np.any(arr < 0.0) or np.any(arr > 1.0):
+    if bounded and (np.any(arr < 0.0) or np.any(arr > 1.0)):
         raise ValueError(
             f"{name} must hold accuracies as fractions in [0, 1] (not percentages), "
             f"got {arr.tolist()}"
         )
     return arr
+
+
+def _oriented(R: npt.ArrayLike, higher_is_better: Any) -> tuple[np.ndarray, float]:
+    """``(s * R, s)`` for a validated ``R`` (bounded iff higher is better)."""
+    s = direction(higher_is_better)
+    return s * validate_metric_matrix(R, bounded=bool(higher_is_better)), s
 
 
 def _check_task_index(after_task: Any, num_tasks: int) -> int:
@@ -127,7 +191,40 @@ def _check_task_index(after_task: Any, num_tasks: int) -> int:
     return i
 
 
-def average_accuracy(R: npt.ArrayLike, after_task: int | None = None) -> float:
+def _acc(X: np.ndarray, i: int) -> float:
+    return float(np.mean(X[i, : i + 1]))
+
+
+def _bwt(X: np.ndarray) -> float:
+    T = X.shape[0]
+    if T == 1:
+        return 0.0
+    j = np.arange(T - 1)
+    return float(np.mean(X[T - 1, j] - X[j, j]))
+
+
+def _fwt(X: np.ndarray, bx: np.ndarray) -> float:
+    T = X.shape[0]
+    if T == 1:
+        return 0.0
+    j = np.arange(1, T)
+    return float(np.mean(X[j - 1, j] - bx[j]))
+
+
+def _forgetting(X: np.ndarray) -> float:
+    T = X.shape[0]
+    if T == 1:
+        return 0.0
+    return float(np.mean([np.max(X[j : T - 1, j]) - X[T - 1, j] for j in range(T - 1)]))
+
+
+def _aia(X: np.ndarray) -> float:
+    return float(np.mean([np.mean(X[i, : i + 1]) for i in range(X.shape[0])]))
+
+
+def average_accuracy(
+    R: npt.ArrayLike, after_task: int | None = None, *, higher_is_better: bool = True
+) -> float:
     """Average accuracy over the tasks seen so far (ACC, Lopez-Paz & Ranzato 2017).
 
     With ``i = after_task`` (default ``T - 1``, the end of training)::
@@ -135,135 +232,143 @@ def average_accuracy(R: npt.ArrayLike, after_task: int | None = None) -> float:
         ACC_i = 1/(i + 1) * sum_{j=0}^{i} R[i, j]
 
     Only tasks already trained on (``j <= i``) are averaged. For ``i = T - 1`` this is the GEM
-    ``ACC = 1/T * sum_j R[T-1, j]``.
+    ``ACC = 1/T * sum_j R[T-1, j]``. A level metric: for a lower-is-better ``R`` it is the same
+    mean, in the metric's units (see the module docstring).
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)`` with entries in ``[0, 1]``.
+        R: Metric matrix of shape ``(T, T)``; accuracies in ``[0, 1]`` unless
+            ``higher_is_better`` is False.
         after_task: Row ``i`` (0-based) to average; ``None`` means the last row.
+        higher_is_better: False for a loss-like ``R`` (lower is better).
 
     Returns:
-        The average accuracy as a float in ``[0, 1]``.
+        The average as a float (in ``[0, 1]`` for accuracies).
 
     Raises:
         ValueError: If ``R`` is invalid or ``after_task`` is not an int in ``[0, T)``.
     """
-    R = validate_accuracy_matrix(R)
-    T = R.shape[0]
+    X, s = _oriented(R, higher_is_better)
+    T = X.shape[0]
     i = T - 1 if after_task is None else _check_task_index(after_task, T)
-    return float(np.mean(R[i, : i + 1]))
+    return s * _acc(X, i)
 
 
-def backward_transfer(R: npt.ArrayLike) -> float:
-    """Backward transfer (BWT, Lopez-Paz & Ranzato 2017)::
+def backward_transfer(R: npt.ArrayLike, *, higher_is_better: bool = True) -> float:
+    """Backward transfer (BWT, Lopez-Paz & Ranzato 2017), on ``X = s * R``::
 
-        BWT = 1/(T - 1) * sum_{j=0}^{T-2} (R[T-1, j] - R[j, j])
+        BWT = 1/(T - 1) * sum_{j=0}^{T-2} (X[T-1, j] - X[j, j])
 
     The change in accuracy on each earlier task between just after learning it and the end of
-    training; negative values mean forgetting. With a single task there is no earlier task and
-    the sum is empty, so ``0.0`` is returned for ``T == 1`` (instead of ``0/0 = NaN``).
+    training; negative values mean forgetting, whatever the metric direction (for a loss:
+    ``L[j, j] - L[T-1, j]``). With a single task there is no earlier task and the sum is empty,
+    so ``0.0`` is returned for ``T == 1`` (instead of ``0/0 = NaN``).
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)`` with entries in ``[0, 1]``.
+        R: Metric matrix of shape ``(T, T)``; accuracies in ``[0, 1]`` unless
+            ``higher_is_better`` is False.
+        higher_is_better: False for a loss-like ``R``; then ``s = -1``.
 
     Returns:
-        BWT as a float in ``[-1, 1]``.
+        BWT as a float (in ``[-1, 1]`` for accuracies).
 
     Raises:
         ValueError: If ``R`` is invalid.
     """
-    R = validate_accuracy_matrix(R)
-    T = R.shape[0]
-    if T == 1:
-        return 0.0
-    j = np.arange(T - 1)
-    return float(np.mean(R[T - 1, j] - R[j, j]))
+    X, _ = _oriented(R, higher_is_better)
+    return _bwt(X)
 
 
-def forward_transfer(R: npt.ArrayLike, b: npt.ArrayLike) -> float:
-    """Forward transfer (FWT, Lopez-Paz & Ranzato 2017)::
+def forward_transfer(
+    R: npt.ArrayLike, b: npt.ArrayLike, *, higher_is_better: bool = True
+) -> float:
+    """Forward transfer (FWT, Lopez-Paz & Ranzato 2017), on ``X = s * R``, ``c = s * b``::
 
-        FWT = 1/(T - 1) * sum_{j=1}^{T-1} (R[j-1, j] - b[j])
+        FWT = 1/(T - 1) * sum_{j=1}^{T-1} (X[j-1, j] - c[j])
 
-    The accuracy on each task just before training on it, relative to a freshly initialized
-    model; uses the strict upper diagonal of ``R``. Returns ``0.0`` for ``T == 1`` (empty sum).
+    The metric on each task just before training on it, relative to a freshly initialized
+    model; uses the strict upper diagonal of ``R``. Positive values mean positive transfer,
+    whatever the direction. Returns ``0.0`` for ``T == 1`` (empty sum).
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)`` with entries in ``[0, 1]``.
-        b: Accuracies of the freshly initialized model on each task, shape ``(T,)``.
+        R: Metric matrix of shape ``(T, T)``; accuracies in ``[0, 1]`` unless
+            ``higher_is_better`` is False.
+        b: The metric of the freshly initialized model on each task, shape ``(T,)``.
+        higher_is_better: False for a loss-like ``R`` and ``b``; then ``s = -1``.
 
     Returns:
-        FWT as a float in ``[-1, 1]``.
+        FWT as a float (in ``[-1, 1]`` for accuracies).
 
     Raises:
         ValueError: If ``R`` or ``b`` is invalid or ``b`` does not have length ``T``.
     """
-    R = validate_accuracy_matrix(R)
-    T = R.shape[0]
-    b = validate_baseline(b, T)
-    if T == 1:
-        return 0.0
-    j = np.arange(1, T)
-    return float(np.mean(R[j - 1, j] - b[j]))
+    X, s = _oriented(R, higher_is_better)
+    c = s * validate_baseline(b, X.shape[0], bounded=bool(higher_is_better))
+    return _fwt(X, c)
 
 
-def average_forgetting(R: npt.ArrayLike) -> float:
-    """Average forgetting at the end of training (Chaudhry et al. 2018)::
+def average_forgetting(R: npt.ArrayLike, *, higher_is_better: bool = True) -> float:
+    """Average forgetting at the end of training (Chaudhry et al. 2018), on ``X = s * R``::
 
-        f_j = max_{l in [j, T-2]} R[l, j] - R[T-1, j]        for j = 0, ..., T-2
+        f_j = max_{l in [j, T-2]} X[l, j] - X[T-1, j]        for j = 0, ..., T-2
         F   = 1/(T - 1) * sum_{j=0}^{T-2} f_j
 
-    ``f_j`` is the drop from the best accuracy task ``j`` ever had while it was already learned
-    (rows ``l >= j``, excluding the final row) to its final accuracy. Unlike BWT the reference is
-    the maximum over those rows, not the diagonal ``R[j, j]``, so ``F >= -BWT``. ``f_j`` is not
-    clipped: it is negative if the final accuracy exceeds every earlier one. The last task has
-    no earlier row and is excluded. Returns ``0.0`` for ``T == 1`` (empty sum).
+    ``f_j`` is the drop from the best value task ``j`` ever had while it was already learned
+    (rows ``l >= j``, excluding the final row) to its final value; for a loss this is
+    ``L[T-1, j] - min_l L[l, j]``. Unlike BWT the reference is the best over those rows, not
+    the diagonal, so ``F >= -BWT``. ``f_j`` is not clipped: it is negative if the final value
+    beats every earlier one. The last task has no earlier row and is excluded. Returns ``0.0``
+    for ``T == 1`` (empty sum).
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)`` with entries in ``[0, 1]``.
+        R: Metric matrix of shape ``(T, T)``; accuracies in ``[0, 1]`` unless
+            ``higher_is_better`` is False.
+        higher_is_better: False for a loss-like ``R``; then ``s = -1``.
 
     Returns:
-        Average forgetting as a float in ``[-1, 1]``.
+        Average forgetting as a float (in ``[-1, 1]`` for accuracies).
 
     Raises:
         ValueError: If ``R`` is invalid.
     """
-    R = validate_accuracy_matrix(R)
-    T = R.shape[0]
-    if T == 1:
-        return 0.0
-    f = [np.max(R[j : T - 1, j]) - R[T - 1, j] for j in range(T - 1)]
-    return float(np.mean(f))
+    X, _ = _oriented(R, higher_is_better)
+    return _forgetting(X)
 
 
-def average_incremental_accuracy(R: npt.ArrayLike) -> float:
+def average_incremental_accuracy(R: npt.ArrayLike, *, higher_is_better: bool = True) -> float:
     """Average incremental accuracy (Rebuffi et al. 2017)::
 
         AIA = 1/T * sum_{i=0}^{T-1} ACC_i,   ACC_i = 1/(i + 1) * sum_{j=0}^{i} R[i, j]
 
     The mean of :func:`average_accuracy` after each task, i.e. the area under the
-    seen-tasks accuracy curve.
+    seen-tasks accuracy curve. A level metric (in the metric's units).
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)`` with entries in ``[0, 1]``.
+        R: Metric matrix of shape ``(T, T)``; accuracies in ``[0, 1]`` unless
+            ``higher_is_better`` is False.
+        higher_is_better: False for a loss-like ``R``.
 
     Returns:
-        AIA as a float in ``[0, 1]``.
+        AIA as a float (in ``[0, 1]`` for accuracies).
 
     Raises:
         ValueError: If ``R`` is invalid.
     """
-    R = validate_accuracy_matrix(R)
-    T = R.shape[0]
-    return float(np.mean([np.mean(R[i, : i + 1]) for i in range(T)]))
+    X, s = _oriented(R, higher_is_better)
+    return s * _aia(X)
 
 
-def summarize(R: npt.ArrayLike, b: npt.ArrayLike | None = None) -> dict[str, float | None]:
-    """All standard metrics of an accuracy matrix.
+def summarize(
+    R: npt.ArrayLike, b: npt.ArrayLike | None = None, *, higher_is_better: bool = True
+) -> dict[str, float | None]:
+    """All standard metrics of a metric matrix (accuracies by default).
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)`` with entries in ``[0, 1]``.
-        b: Optional accuracies of the freshly initialized model, shape ``(T,)``. Forward transfer
+        R: Metric matrix of shape ``(T, T)``; accuracies in ``[0, 1]`` unless
+            ``higher_is_better`` is False (then any finite values, e.g. losses).
+        b: Optional metric of the freshly initialized model, shape ``(T,)``. Forward transfer
             needs it.
+        higher_is_better: False when lower is better (a loss); see the module docstring for
+            how every metric is then oriented.
 
     Returns:
         A dict of Python floats::
@@ -274,18 +379,20 @@ def summarize(R: npt.ArrayLike, b: npt.ArrayLike | None = None) -> dict[str, flo
             forgetting          = average_forgetting(R)
             avg_incremental_acc = average_incremental_accuracy(R)
 
+        ``acc`` and ``avg_incremental_acc`` are in the metric's units; ``bwt``, ``fwt`` and
+        ``forgetting`` are oriented (negative BWT / positive forgetting mean forgetting).
+
     Raises:
         ValueError: If ``R`` or ``b`` is invalid.
     """
-    R = validate_accuracy_matrix(R)
-    if b is not None:
-        b = validate_baseline(b, R.shape[0])
+    X, s = _oriented(R, higher_is_better)
+    c = None if b is None else s * validate_baseline(b, X.shape[0], bounded=bool(higher_is_better))
     return {
-        "acc": average_accuracy(R),
-        "bwt": backward_transfer(R),
-        "fwt": None if b is None else forward_transfer(R, b),
-        "forgetting": average_forgetting(R),
-        "avg_incremental_acc": average_incremental_accuracy(R),
+        "acc": s * _acc(X, X.shape[0] - 1),
+        "bwt": _bwt(X),
+        "fwt": None if c is None else _fwt(X, c),
+        "forgetting": _forgetting(X),
+        "avg_incremental_acc": s * _aia(X),
     }
 
 

@@ -6,8 +6,16 @@ registered in pyplot's global figure manager. matplotlib itself is imported lazi
 plot, so importing :mod:`clax.metrics` stays cheap.
 
 Every function validates its input, creates the parent directories of ``path``, writes the PNG
-atomically (see :func:`clax.metrics.report.atomic_write_bytes`), releases the figure and returns
+atomically (see :func:`clax.metrics.io.atomic_write_bytes`), releases the figure and returns
 ``path`` as a ``pathlib.Path``.
+
+Metric direction. The matrix and curve plots take ``metric`` (its name, used in the labels) and
+``higher_is_better``. Accuracies (``higher_is_better=True``) are fractions plotted in percent on
+a fixed ``[0, 100]`` scale; a lower-is-better metric (a loss) is plotted in its own units on the
+range of the data, with the heatmap's colour map reversed so that better is brighter in both.
+
+Layering: this module imports :mod:`clax.metrics.continual`, :mod:`clax.metrics.curves` and
+:mod:`clax.metrics.io`, never :mod:`clax.metrics.report` (which imports this one).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from clax.metrics import continual
-from clax.metrics.report import PathLike, atomic_write_bytes, normalize_curves
+from clax.metrics.curves import normalize_curves
+from clax.metrics.io import PathLike, atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -81,34 +90,50 @@ def _check_boundaries(task_boundaries: Any) -> list[float]:
     return [float(s) for s in boundaries]
 
 
+def _check_metric(metric: Any, higher_is_better: Any) -> bool:
+    """``bounded`` (accuracy-like fractions) after checking ``metric`` and the direction."""
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"metric must be a non-empty str, got {metric!r}")
+    continual.direction(higher_is_better)
+    return bool(higher_is_better)
+
+
 def plot_accuracy_matrix(
     R: npt.ArrayLike,
     path: PathLike,
     *,
     title: str | None = None,
     task_labels: Sequence[str] | None = None,
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
 ) -> pathlib.Path:
-    """Heatmap of the accuracy matrix, each cell annotated with ``100 * R[i, j]`` (percent).
+    """Heatmap of the metric matrix, each cell annotated (accuracies as ``100 * R[i, j]`` %).
 
     Row ``i`` is "after task i" (the model after training on task ``i``), column ``j`` is
-    "task j" (the evaluated task). The colour scale is fixed to ``[0, 100]`` % so plots of
-    different runs are comparable. Cells are annotated for ``T <= 30``.
+    "task j" (the evaluated task). For accuracies the colour scale is fixed to ``[0, 100]`` %
+    so plots of different runs are comparable; a lower-is-better metric is shown in its own
+    units on the range of ``R`` with the colour map reversed (better is brighter). Cells are
+    annotated for ``T <= 30``.
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)``, fractions in ``[0, 1]``.
+        R: Metric matrix of shape ``(T, T)``: fractions in ``[0, 1]`` when
+            ``higher_is_better``, any finite values otherwise.
         path: Output PNG file; parent directories are created.
         title: Optional figure title.
         task_labels: Optional ``T`` task names used instead of ``"task j"``; rows are labelled
             ``"after <label>"``.
+        metric: Name of the metric, for the colour-bar label.
+        higher_is_better: False for a loss-like metric.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
 
     Raises:
-        ValueError: If ``R`` is invalid, ``title`` is not a str, or ``task_labels`` is not a
-            sequence of ``T`` strings.
+        ValueError: If ``R`` is invalid, ``title`` is not a str, ``task_labels`` is not a
+            sequence of ``T`` strings, or ``metric`` is not a non-empty str.
     """
-    R = continual.validate_accuracy_matrix(R)
+    bounded = _check_metric(metric, higher_is_better)
+    R = continual.validate_metric_matrix(R, bounded=bounded)
     T = R.shape[0]
     _check_title(title)
     if task_labels is None:
@@ -123,11 +148,17 @@ def plot_accuracy_matrix(
             raise ValueError(f"task_labels must be a sequence of {T} str, got {task_labels!r}")
         labels = list(task_labels)
 
+    if bounded:
+        shown, vmin, vmax, cmap, label = 100.0 * R, 0.0, 100.0, "viridis", f"{metric} (%)"
+    else:
+        lo, hi = float(np.min(R)), float(np.max(R))
+        pad = 0.5 if hi == lo else 0.0
+        shown, vmin, vmax, cmap, label = R, lo - pad, hi + pad, "viridis_r", metric
     side = min(max(4.0, 0.6 * T + 2.0), 20.0)
     fig = _new_figure(side + 1.2, side)
     ax = fig.add_subplot()
-    im = ax.imshow(100.0 * R, vmin=0.0, vmax=100.0, cmap="viridis", aspect="equal")
-    fig.colorbar(im, ax=ax, label="accuracy (%)", shrink=0.8)
+    im = ax.imshow(shown, vmin=vmin, vmax=vmax, cmap=cmap, aspect="equal")
+    fig.colorbar(im, ax=ax, label=label, shrink=0.8)
     if T > 5:
         ax.set_xticks(range(T), labels=labels, rotation=45, ha="right")
     else:
@@ -139,15 +170,18 @@ def plot_accuracy_matrix(
         fontsize = max(5.0, min(10.0, 100.0 / T))
         for i in range(T):
             for j in range(T):
-                v = R[i, j]
+                v = shown[i, j]
+                # Brightness of the cell in [0, 1] (viridis is bright at its top end).
+                level = (v - vmin) / (vmax - vmin)
+                bright = level > 0.6 if bounded else level < 0.4
                 ax.text(
                     j,
                     i,
-                    f"{100.0 * v:.1f}",
+                    f"{v:.1f}" if bounded else f"{v:.3g}",
                     ha="center",
                     va="center",
                     fontsize=fontsize,
-                    color="black" if v > 0.6 else "white",
+                    color="black" if bright else "white",
                 )
     if title:
         ax.set_title(title)
@@ -160,49 +194,57 @@ def plot_accuracy_curves(
     *,
     task_boundaries: Iterable[float] = (),
     title: str | None = None,
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
 ) -> pathlib.Path:
-    """Accuracy (%) against training step, one line per evaluated task.
+    """The metric against training step, one line per evaluated task.
 
-    Vertical dashed lines mark ``task_boundaries``, the steps at which each new task started.
+    Accuracies (``higher_is_better``) are plotted in percent on ``[0, 100]``; a lower-is-better
+    metric in its own units. The y-label is the metric's name. Vertical dashed lines mark
+    ``task_boundaries``, the steps at which each new task started.
 
     Args:
-        curves: Points as dicts or 4-tuples ``(step, train_task, eval_task, accuracy)`` with
-            accuracy a fraction in ``[0, 1]``; see
-            :func:`clax.metrics.report.normalize_curves`. Must be non-empty.
+        curves: Points as dicts or 4-tuples ``(step, train_task, eval_task, value)``; see
+            :func:`clax.metrics.curves.normalize_curves`. Must be non-empty.
         path: Output PNG file; parent directories are created.
         task_boundaries: Steps where a new task started.
         title: Optional figure title.
+        metric: Name of the metric (points naming another metric are rejected).
+        higher_is_better: False for a loss-like metric (values need only be finite).
 
     Returns:
         ``path`` as a ``pathlib.Path``.
 
     Raises:
-        ValueError: If ``curves`` is empty or malformed, a boundary is not a finite number, or
-            ``title`` is not a str.
+        ValueError: If ``curves`` is empty or malformed, a boundary is not a finite number,
+            ``title`` is not a str, or ``metric`` is not a non-empty str.
     """
-    points = normalize_curves(curves)
+    bounded = _check_metric(metric, higher_is_better)
+    points = normalize_curves(curves, bounded=bounded, metric=metric)
     if not points:
         raise ValueError("curves must contain at least one point")
     _check_title(title)
     boundaries = _check_boundaries(task_boundaries)
 
     by_task: dict[int, list[tuple[int, float]]] = {}
-    for step, _, eval_task, acc in points:
-        by_task.setdefault(eval_task, []).append((step, acc))
+    for step, _, eval_task, value in points:
+        by_task.setdefault(eval_task, []).append((step, value))
 
+    scale = 100.0 if bounded else 1.0
     fig = _new_figure(8.0, 4.5)
     ax = fig.add_subplot()
     marker = "." if max(len(v) for v in by_task.values()) <= 50 else None
     for eval_task in sorted(by_task):
         series = sorted(by_task[eval_task])
         steps = np.array([s for s, _ in series])
-        accs = 100.0 * np.array([a for _, a in series])
-        ax.plot(steps, accs, label=f"task {eval_task}", marker=marker)
+        values = scale * np.array([v for _, v in series])
+        ax.plot(steps, values, label=f"task {eval_task}", marker=marker)
     for s in boundaries:
         ax.axvline(float(s), color="gray", linestyle="--", linewidth=1.0, alpha=0.8)
-    ax.set_ylim(-2.0, 102.0)
+    if bounded:
+        ax.set_ylim(-2.0, 102.0)
     ax.set_xlabel("training step")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{metric} (%)" if bounded else metric)
     ax.grid(True, alpha=0.3)
     ax.legend(title="evaluated", fontsize="small", ncols=max(1, math.ceil(len(by_task) / 10)))
     if title:
@@ -297,13 +339,16 @@ def plot_curve_comparison(
     task_boundaries: Iterable[float] = (),
     title: str | None = None,
     xlabel: str = "training step",
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
 ) -> pathlib.Path:
     """Side-by-side panels of per-step curves, one line per run (e.g. per method).
 
     The stability-gap figures of a benchmark: e.g. a panel ``"task 0"`` with the accuracy of
     the first task of every method against the training step, and a panel ``"WC-ACC"``.
-    Values are fractions, plotted in percent; vertical dashed lines mark ``task_boundaries``.
-    NaN values (undefined points, e.g. min-ACC before a second task) are left as gaps.
+    Accuracies are fractions, plotted in percent; a lower-is-better metric is plotted in its
+    own units. Vertical dashed lines mark ``task_boundaries``. NaN values (undefined points,
+    e.g. min-ACC before a second task) are left as gaps.
 
     Args:
         panels: Panel title -> {line label -> (steps, values)}, in display order; ``steps`` and
@@ -312,15 +357,18 @@ def plot_curve_comparison(
         task_boundaries: Steps where a new task started.
         title: Optional figure title.
         xlabel: Label of the horizontal axis (e.g. when steps are rescaled per task).
+        metric: Name of the metric, for the vertical axis label.
+        higher_is_better: False for a loss-like metric (values need only be finite or NaN).
 
     Returns:
         ``path`` as a ``pathlib.Path``.
 
     Raises:
         ValueError: If ``panels`` is empty, a panel has no lines, a line's arrays are not 1-D
-            of equal length or hold values outside ``[0, 1]``, a boundary is not finite, or
-            ``title`` is not a str.
+            of equal length or hold values outside ``[0, 1]`` (accuracies) or infinite ones, a
+            boundary is not finite, or ``title`` or ``metric`` is not a str.
     """
+    bounded = _check_metric(metric, higher_is_better)
     _check_title(title)
     boundaries = _check_boundaries(task_boundaries)
     if not isinstance(panels, Mapping) or not panels:
@@ -346,7 +394,11 @@ def plot_curve_comparison(
                     f"length, got shapes {steps.shape} and {values.shape}"
                 )
             finite = values[~np.isnan(values)]
-            if np.any(finite < 0.0) or np.any(finite > 1.0):
+            if not np.all(np.isfinite(finite)):
+                raise ValueError(
+                    f"panels[{name!r}][{label!r}]: values must be finite or NaN (gaps)"
+                )
+            if bounded and (np.any(finite < 0.0) or np.any(finite > 1.0)):
                 raise ValueError(
                     f"panels[{name!r}][{label!r}]: values must be fractions in [0, 1] "
                     "(not percentages)"
@@ -356,6 +408,7 @@ def plot_curve_comparison(
 
     from matplotlib import colormaps
 
+    scale = 100.0 if bounded else 1.0
     labels = list(dict.fromkeys(label for _, lines in checked for label, _, _ in lines))
     cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
     colors = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}  # same in every panel
@@ -364,14 +417,15 @@ def plot_curve_comparison(
     axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
     for ax, (name, lines) in zip(axes, checked):
         for label, steps, values in lines:
-            ax.plot(steps, 100.0 * values, label=label, linewidth=1.2, color=colors[label])
+            ax.plot(steps, scale * values, label=label, linewidth=1.2, color=colors[label])
         for b in boundaries:
             ax.axvline(b, color="gray", linestyle="--", linewidth=1.0, alpha=0.8)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
-        ax.set_ylim(-2.0, 102.0)
+        if bounded:
+            ax.set_ylim(-2.0, 102.0)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel(f"{metric} (%)" if bounded else metric)
     handles = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):

@@ -14,6 +14,22 @@ A run directory written by :func:`write_run_results` holds::
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 and ``metrics.json`` is written after everything else, so its presence means the run directory is
 complete and a crash never leaves a half-written file under a final name.
+
+Metric direction. A run may measure another metric than accuracy, e.g. a loss, for which lower
+is better: ``write_run_results(..., metric="loss", higher_is_better=False)``. Its files are then
+``loss_matrix.csv``, ``loss_matrix.png`` and ``loss_curves.png`` (see :func:`metric_files`), the
+value column of ``curves.csv`` is ``value`` instead of ``accuracy``, and every summary metric
+follows the rule of :mod:`clax.metrics.continual`: computed on ``s * R`` (``s = -1`` when lower
+is better), level metrics (``acc``, ``avg_incremental_acc``, ``min_acc``, ``wc_acc``) in the
+metric's units, differences (``bwt``, ``fwt``, ``forgetting``, ``wf_*``, ``wp_*``) oriented so
+that negative BWT and positive forgetting mean forgetting. Values must be fractions in ``[0, 1]``
+when higher is better and finite otherwise. The summary keys keep their accuracy names.
+
+Layering (no import cycle, no function-level imports): :mod:`~clax.metrics.curves` and
+:mod:`~clax.metrics.io` import no other metrics module; :mod:`~clax.metrics.continual` none;
+:mod:`~clax.metrics.stability` imports continual and curves; :mod:`~clax.metrics.plots`
+imports continual, curves and io; this module imports all of them. ``normalize_curves``,
+``CURVE_FIELDS``, ``atomic_write_bytes`` and ``atomic_write_text`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,14 +40,18 @@ import json
 import numbers
 import os
 import pathlib
-import tempfile
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from clax.metrics import continual
+from clax.metrics import continual, plots, stability
+from clax.metrics.curves import CURVE_FIELDS, normalize_curves
+from clax.metrics.curves import as_int as _as_int
+from clax.metrics.curves import task_boundaries as _task_boundaries
+from clax.metrics.io import PathLike, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "ACCURACY_CURVES_PNG",
@@ -41,11 +61,13 @@ __all__ = [
     "CURVES_JSON",
     "CURVE_FIELDS",
     "METRICS_JSON",
+    "MetricFiles",
     "RESULTS_COLUMNS",
     "STABILITY_COLUMNS",
     "atomic_write_bytes",
     "atomic_write_text",
     "markdown_table",
+    "metric_files",
     "normalize_curves",
     "read_run_curves",
     "read_run_results",
@@ -62,131 +84,45 @@ CURVES_JSON = "curves.json"
 ACCURACY_MATRIX_PNG = "accuracy_matrix.png"
 ACCURACY_CURVES_PNG = "accuracy_curves.png"
 
-CURVE_FIELDS = ("step", "train_task", "eval_task", "accuracy")
-
 _MISSING = "–"  # en dash, shown for None / missing cells
 
-PathLike = str | os.PathLike[str]
+# The value column of curves.csv for a metric other than accuracy.
+_VALUE_FIELD = "value"
+_METRIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic file writes.
-# --------------------------------------------------------------------------------------------
+class MetricFiles(NamedTuple):
+    """File names of a run directory that depend on the metric (see :func:`metric_files`)."""
+
+    matrix_csv: str
+    matrix_png: str
+    curves_png: str
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
-    """Writes ``data`` to ``path`` atomically, creating parent directories.
+def metric_files(metric: str = "accuracy") -> MetricFiles:
+    """File names of the metric matrix and plots of a run measuring ``metric``.
 
-    The bytes go to a temporary file in the same directory, which is flushed, fsynced and then
-    renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows). On any error the
-    temporary file is removed and ``path`` is left as it was.
-
-    Args:
-        path: Destination file.
-        data: Contents.
-
-    Returns:
-        ``path`` as a ``pathlib.Path``.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> pathlib.Path:
-    """Writes ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# --------------------------------------------------------------------------------------------
-# Curves.
-# --------------------------------------------------------------------------------------------
-
-
-def _as_int(value: Any, what: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{what} must be an int, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
-def normalize_curves(curves: Iterable[Any]) -> list[tuple[int, int, int, float]]:
-    """Validates accuracy-curve points and returns them as tuples.
-
-    Args:
-        curves: Iterable of points, each either a mapping with keys ``step``, ``train_task``,
-            ``eval_task`` and ``accuracy``, or a 4-sequence in that order. ``step`` is the global
-            training step (int >= 0), ``train_task`` the task being trained at that step and
-            ``eval_task`` the task evaluated (ints >= 0), ``accuracy`` a fraction in ``[0, 1]``.
-
-    Returns:
-        A list of ``(step, train_task, eval_task, accuracy)`` tuples of Python ints and float,
-        in input order.
+    ``accuracy_matrix.csv``, ``accuracy_matrix.png`` and ``accuracy_curves.png`` for
+    ``metric="accuracy"``, else ``<metric>_matrix.csv``, ``<metric>_matrix.png`` and
+    ``<metric>_curves.png``.
 
     Raises:
-        ValueError: If a point is malformed.
+        ValueError: If ``metric`` is not a non-empty name of letters, digits, ``_``, ``.`` and
+            ``-`` (starting with a letter or digit).
     """
-    if isinstance(curves, (str, bytes, Mapping)):
+    if not isinstance(metric, str) or not _METRIC_NAME.fullmatch(metric):
         raise ValueError(
-            f"curves must be an iterable of points (dicts or 4-tuples), got {type(curves)}"
+            "metric must be a name of letters, digits, '_', '.' and '-' (used in file names), "
+            f"got {metric!r}"
         )
-    out = []
-    for k, point in enumerate(curves):
-        if isinstance(point, Mapping):
-            missing = [f for f in CURVE_FIELDS if f not in point]
-            if missing:
-                raise ValueError(f"curves[{k}] is missing keys {missing}; expected {CURVE_FIELDS}")
-            values = [point[f] for f in CURVE_FIELDS]
-        elif isinstance(point, Sequence) and not isinstance(point, (str, bytes)):
-            if len(point) != 4:
-                raise ValueError(
-                    f"curves[{k}] must have 4 fields {CURVE_FIELDS}, got {len(point)}: {point!r}"
-                )
-            values = list(point)
-        else:
-            raise ValueError(
-                f"curves[{k}] must be a dict or a 4-tuple {CURVE_FIELDS}, got {point!r}"
-            )
-        step = _as_int(values[0], f"curves[{k}].step", minimum=0)
-        train_task = _as_int(values[1], f"curves[{k}].train_task", minimum=0)
-        eval_task = _as_int(values[2], f"curves[{k}].eval_task", minimum=0)
-        acc = values[3]
-        if isinstance(acc, bool) or not isinstance(acc, numbers.Real):
-            raise ValueError(f"curves[{k}].accuracy must be a number, got {acc!r}")
-        acc = float(acc)
-        if not 0.0 <= acc <= 1.0:  # also rejects NaN
-            raise ValueError(
-                f"curves[{k}].accuracy must be a fraction in [0, 1] (not a percentage), got {acc}"
-            )
-        out.append((step, train_task, eval_task, acc))
-    return out
+    return MetricFiles(f"{metric}_matrix.csv", f"{metric}_matrix.png", f"{metric}_curves.png")
 
 
-def _task_boundaries(points: Sequence[tuple[int, int, int, float]]) -> list[int]:
-    """First step of each training task except the first one (where a new task started)."""
-    first: dict[int, int] = {}
-    for step, train_task, _, _ in points:
-        first[train_task] = min(step, first.get(train_task, step))
-    starts = sorted(first.values())
-    return starts[1:]
+def _check_direction(metric: str, higher_is_better: Any) -> bool:
+    continual.direction(higher_is_better)
+    if metric == "accuracy" and not higher_is_better:
+        raise ValueError("metric='accuracy' is higher-is-better; got higher_is_better=False")
+    return bool(higher_is_better)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,30 +150,34 @@ def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
 
 
 def run_summary(
-    R: npt.ArrayLike, b: npt.ArrayLike | None = None, curves: Iterable[Any] = ()
+    R: npt.ArrayLike,
+    b: npt.ArrayLike | None = None,
+    curves: Iterable[Any] = (),
+    *,
+    higher_is_better: bool = True,
 ) -> dict[str, float | None]:
     """Task-end metrics of ``R`` plus, when there are curves, the stability-gap metrics.
 
     Args:
-        R: Accuracy matrix of shape ``(T, T)``, fractions in ``[0, 1]``.
-        b: Optional accuracies of the freshly initialized model, shape ``(T,)``.
-        curves: Accuracy-curve points (see :func:`normalize_curves`); may be empty.
+        R: Metric matrix of shape ``(T, T)``: accuracy fractions in ``[0, 1]``, or any finite
+            values when ``higher_is_better`` is False.
+        b: Optional metric of the freshly initialized model, shape ``(T,)``.
+        curves: Curve points of the same metric (see :func:`normalize_curves`); may be empty.
+        higher_is_better: False for a loss-like metric (see the module docstring).
 
     Returns:
         :func:`clax.metrics.continual.summarize` of ``(R, b)``, updated with
         :func:`clax.metrics.stability.stability_summary` of the curves (``min_acc``,
-        ``wc_acc``, ``wf_10``, ``wp_10``, ``wf_100``, ``wp_100``) when there is at least one
-        point.
+        ``wc_acc``, ``wf_10``, ``wp_10``, ``wp_official_10``, ``wf_100``, ...) when there is
+        at least one point.
 
     Raises:
         ValueError: On invalid ``R``, ``b`` or ``curves``.
     """
-    from clax.metrics import stability  # stability imports this module
-
-    summary = continual.summarize(R, b)
-    points = normalize_curves(curves)
+    summary = continual.summarize(R, b, higher_is_better=higher_is_better)
+    points = normalize_curves(curves, bounded=bool(higher_is_better))
     if points:
-        summary.update(stability.stability_summary(points))
+        summary.update(stability.stability_summary(points, higher_is_better=higher_is_better))
     return summary
 
 
@@ -250,21 +190,23 @@ def _check_boundaries(task_boundaries: Any) -> list[int] | None:
             for k, s in enumerate(task_boundaries)]
 
 
-def _curves_document(points, boundaries: list[int]) -> dict[str, Any]:
+def _curves_document(
+    points, boundaries: list[int], metric: str, higher_is_better: bool
+) -> dict[str, Any]:
     """curves.json: one row per evaluation (null where a task was not evaluated)."""
-    from clax.metrics import stability
-
-    grid = stability.evaluation_grid(points)
-    tracked = stability.tracking_metrics(grid)
+    grid = stability.evaluation_grid(points, higher_is_better=higher_is_better)
+    tracked = stability.tracking_metrics(grid, higher_is_better=higher_is_better)
 
     def nullable(a):
         return [None if np.isnan(v) else float(v) for v in a]
 
     return {
+        "metric": metric,
+        "higher_is_better": higher_is_better,
         "task_boundaries": boundaries,
         "steps": grid.steps.tolist(),
         "train_task": grid.train_task.tolist(),
-        "accuracy": [nullable(row) for row in grid.accuracy],
+        "accuracy" if metric == "accuracy" else "values": [nullable(row) for row in grid.values],
         "min_acc": nullable(tracked["min_acc"]),
         "wc_acc": nullable(tracked["wc_acc"]),
     }
@@ -279,20 +221,24 @@ def write_run_results(
     curves: Iterable[Any] = (),
     extra: Mapping[str, Any] | None = None,
     task_boundaries: Iterable[int] | None = None,
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
 ) -> dict[str, float | None]:
     """Writes the results of one continual-learning run to ``workdir``.
 
-    Files (see the module docstring): ``accuracy_matrix.csv``, ``curves.csv``,
-    ``accuracy_matrix.png``, ``curves.json`` and ``accuracy_curves.png`` (only if ``curves`` is
-    non-empty) and finally ``metrics.json``::
+    Files (see the module docstring; names from :func:`metric_files`): ``<metric>_matrix.csv``,
+    ``curves.csv``, ``<metric>_matrix.png``, ``curves.json`` and ``<metric>_curves.png`` (only
+    if ``curves`` is non-empty) and finally ``metrics.json``::
 
-        {"name": name, "num_tasks": T, "summary": run_summary(R, b, curves),
-         "accuracy_matrix": R as nested lists, "b": b as a list or null, "extra": extra or {}}
+        {"name": name, "num_tasks": T, "metric": metric, "higher_is_better": higher_is_better,
+         "summary": run_summary(R, b, curves, higher_is_better=higher_is_better),
+         "accuracy_matrix": R as nested lists (only when metric == "accuracy"),
+         "metric_matrix": R as nested lists, "b": b as a list or null, "extra": extra or {}}
 
-    ``curves.json`` holds ``task_boundaries``, ``steps`` and ``train_task`` (one entry per
-    evaluation), ``accuracy`` (per evaluation, a list over tasks with null where a task was
-    not evaluated) and the running ``min_acc`` / ``wc_acc`` (see
-    :func:`clax.metrics.stability.tracking_metrics`).
+    ``curves.json`` holds ``metric``, ``higher_is_better``, ``task_boundaries``, ``steps`` and
+    ``train_task`` (one entry per evaluation), ``accuracy`` (``values`` for another metric:
+    per evaluation, a list over tasks with null where a task was not evaluated) and the running
+    ``min_acc`` / ``wc_acc`` (see :func:`clax.metrics.stability.tracking_metrics`).
 
     All inputs are validated and serialized before anything is written; each file is written
     atomically and ``metrics.json`` last.
@@ -300,28 +246,35 @@ def write_run_results(
     Args:
         workdir: Run directory; created if missing.
         name: Name of the run (e.g. ``"ewc/split_mnist/seed0"``).
-        R: Accuracy matrix of shape ``(T, T)``, fractions in ``[0, 1]``.
-        b: Optional accuracies of the freshly initialized model, shape ``(T,)``.
-        curves: Accuracy-curve points, dicts or 4-tuples ``(step, train_task, eval_task,
-            accuracy)``; see :func:`normalize_curves`.
+        R: Metric matrix of shape ``(T, T)``: accuracy fractions in ``[0, 1]``, or any finite
+            values when ``higher_is_better`` is False.
+        b: Optional metric of the freshly initialized model, shape ``(T,)``.
+        curves: Curve points of the same metric, dicts or 4-tuples ``(step, train_task,
+            eval_task, value)``; see :func:`normalize_curves`. Points naming another metric
+            are rejected.
         extra: Optional JSON-serializable mapping with string keys (train time, config name...).
             numpy scalars/arrays and paths are converted.
         task_boundaries: Steps at which tasks 1, 2, ... started (marked on the curves plot).
             None: the first evaluated step of each training task after the first.
+        metric: Name of the metric in ``R`` and the curves, used in file names, titles and
+            labels (letters, digits, ``_``, ``.``, ``-``).
+        higher_is_better: False for a loss-like metric; must be True for ``"accuracy"``.
 
     Returns:
         The summary dict from :func:`run_summary`.
 
     Raises:
-        ValueError: On invalid ``name``, ``R``, ``b``, ``curves``, ``extra`` or
-            ``task_boundaries``.
+        ValueError: On invalid ``name``, ``R``, ``b``, ``curves``, ``extra``,
+            ``task_boundaries``, ``metric`` or ``higher_is_better``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
-    R = continual.validate_accuracy_matrix(R)
+    files = metric_files(metric)
+    bounded = _check_direction(metric, higher_is_better)
+    R = continual.validate_metric_matrix(R, bounded=bounded)
     T = R.shape[0]
-    b_arr = None if b is None else continual.validate_baseline(b, T)
-    points = normalize_curves(curves)
+    b_arr = None if b is None else continual.validate_baseline(b, T, bounded=bounded)
+    points = normalize_curves(curves, bounded=bounded, metric=metric)
     if extra is None:
         extra = {}
     if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
@@ -330,15 +283,21 @@ def write_run_results(
     boundaries = _check_boundaries(task_boundaries)
     if boundaries is None:
         boundaries = _task_boundaries(points)
-    summary = run_summary(R, b_arr, points)
-    payload = {
+    summary = run_summary(R, b_arr, points, higher_is_better=bounded)
+    payload: dict[str, Any] = {
         "name": name,
         "num_tasks": T,
+        "metric": metric,
+        "higher_is_better": bounded,
         "summary": summary,
-        "accuracy_matrix": R.tolist(),
+    }
+    if metric == "accuracy":
+        payload["accuracy_matrix"] = R.tolist()
+    payload.update({
+        "metric_matrix": R.tolist(),
         "b": None if b_arr is None else b_arr.tolist(),
         "extra": dict(extra),
-    }
+    })
     try:
         metrics_text = json.dumps(payload, indent=2, default=_json_default) + "\n"
     except (TypeError, ValueError) as e:
@@ -346,43 +305,59 @@ def write_run_results(
 
     header = ["after_task"] + [f"task_{j}" for j in range(T)]
     matrix_csv = _csv_text([header] + [[i] + [repr(float(v)) for v in R[i]] for i in range(T)])
-    curves_csv = _csv_text(
-        [list(CURVE_FIELDS)] + [[s, tr, ev, repr(acc)] for s, tr, ev, acc in points]
-    )
+    fields = list(CURVE_FIELDS[:3]) + [CURVE_FIELDS[3] if metric == "accuracy" else _VALUE_FIELD]
+    curves_csv = _csv_text([fields] + [[s, tr, ev, repr(v)] for s, tr, ev, v in points])
     curves_json = (
-        json.dumps(_curves_document(points, boundaries)) + "\n" if points else None
+        json.dumps(_curves_document(points, boundaries, metric, bounded)) + "\n"
+        if points else None
     )
-
-    # Imported here so that importing clax.metrics.report does not import matplotlib.
-    from clax.metrics import plots
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(workdir / ACCURACY_MATRIX_CSV, matrix_csv)
+    atomic_write_text(workdir / files.matrix_csv, matrix_csv)
     atomic_write_text(workdir / CURVES_CSV, curves_csv)
-    plots.plot_accuracy_matrix(R, workdir / ACCURACY_MATRIX_PNG, title=name)
+    plots.plot_accuracy_matrix(R, workdir / files.matrix_png, title=name, metric=metric,
+                               higher_is_better=bounded)
     if points:
         atomic_write_text(workdir / CURVES_JSON, curves_json)
         plots.plot_accuracy_curves(
             points,
-            workdir / ACCURACY_CURVES_PNG,
+            workdir / files.curves_png,
             task_boundaries=boundaries,
             title=name,
+            metric=metric,
+            higher_is_better=bounded,
         )
     atomic_write_text(workdir / METRICS_JSON, metrics_text)
     return summary
 
 
+def _run_direction(workdir: pathlib.Path) -> tuple[str | None, bool | None]:
+    """``(metric, higher_is_better)`` from ``metrics.json``, ``(None, None)`` if unknown."""
+    try:
+        data = json.loads((workdir / METRICS_JSON).read_text(encoding="utf-8"))
+        metric, hib = data.get("metric", "accuracy"), data.get("higher_is_better", True)
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    if not isinstance(metric, str) or not isinstance(hib, bool):
+        return None, None
+    return metric, hib
+
+
 def read_run_curves(workdir: PathLike) -> dict[str, Any] | None:
-    """Reads the accuracy curves of a run directory.
+    """Reads the curves of a run directory.
 
     Args:
         workdir: Run directory written by :func:`write_run_results`.
 
     Returns:
         None when the run has no curves; otherwise ``{"points": [(step, train_task,
-        eval_task, accuracy), ...], "task_boundaries": [...]}``, from ``curves.json`` when
-        present, else from ``curves.csv`` (boundaries then derived from the points).
+        eval_task, value), ...], "task_boundaries": [...], "metric": name,
+        "higher_is_better": bool}``, from ``curves.json`` when present, else from
+        ``curves.csv`` (boundaries then derived from the points). Files written before the
+        metric was recorded are accuracy runs. For a ``curves.csv`` with a ``value`` column
+        the metric and its direction come from ``metrics.json``; without it they are None and
+        the values are only checked to be finite.
 
     Raises:
         ValueError: If a curves file is malformed.
@@ -392,42 +367,61 @@ def read_run_curves(workdir: PathLike) -> dict[str, Any] | None:
     if path.is_file():
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
+            metric = doc.get("metric", "accuracy")
+            hib = doc.get("higher_is_better", True)
+            rows = doc["accuracy"] if "accuracy" in doc else doc["values"]
             points = [
-                (step, train_task, j, acc)
-                for step, train_task, row in zip(doc["steps"], doc["train_task"], doc["accuracy"])
-                for j, acc in enumerate(row)
-                if acc is not None
+                (step, train_task, j, v)
+                for step, train_task, row in zip(doc["steps"], doc["train_task"], rows)
+                for j, v in enumerate(row)
+                if v is not None
             ]
             boundaries = list(doc["task_boundaries"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a curves document: {e}") from e
-        return {"points": normalize_curves(points), "task_boundaries": boundaries}
+        if not isinstance(hib, bool):
+            raise ValueError(f"{path}: higher_is_better must be a bool, got {hib!r}")
+        return {"points": normalize_curves(points, bounded=hib), "task_boundaries": boundaries,
+                "metric": metric, "higher_is_better": hib}
     path = workdir / CURVES_CSV
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fieldnames = reader.fieldnames or []
+    if CURVE_FIELDS[3] in fieldnames:
+        column, metric, hib = CURVE_FIELDS[3], "accuracy", True
+    else:
+        column = _VALUE_FIELD
+        metric, hib = _run_direction(workdir)
     try:
         points = normalize_curves(
-            [(int(r["step"]), int(r["train_task"]), int(r["eval_task"]), float(r["accuracy"]))
-             for r in rows]
+            [(int(r["step"]), int(r["train_task"]), int(r["eval_task"]), float(r[column]))
+             for r in rows],
+            bounded=bool(hib),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a curves file: {e}") from e
     if not points:
         return None
-    return {"points": points, "task_boundaries": _task_boundaries(points)}
+    return {"points": points, "task_boundaries": _task_boundaries(points), "metric": metric,
+            "higher_is_better": hib}
 
 
 def read_run_results(workdir: PathLike) -> dict[str, Any]:
     """Reads ``workdir/metrics.json`` written by :func:`write_run_results`.
 
+    Documents written before the metric was recorded are accuracy runs: ``metric``,
+    ``higher_is_better`` and ``metric_matrix`` (a copy of ``accuracy_matrix``) are filled in.
+
     Args:
         workdir: Run directory.
 
     Returns:
-        The JSON document as a dict with keys ``name``, ``num_tasks``, ``summary``,
-        ``accuracy_matrix`` (nested lists), ``b`` (list or None) and ``extra``.
+        The JSON document as a dict with keys ``name``, ``num_tasks``, ``metric``,
+        ``higher_is_better``, ``summary``, ``metric_matrix`` (nested lists),
+        ``accuracy_matrix`` (accuracy runs only), ``b`` (list or None) and ``extra``.
 
     Raises:
         FileNotFoundError: If ``workdir/metrics.json`` does not exist.
@@ -439,9 +433,19 @@ def read_run_results(workdir: PathLike) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    required = ("name", "num_tasks", "summary", "accuracy_matrix", "b", "extra")
-    if not isinstance(data, dict) or any(k not in data for k in required):
-        raise ValueError(f"{path} is not a run-results document; expected keys {required}")
+    required = ("name", "num_tasks", "summary", "b", "extra")
+    if (
+        not isinstance(data, dict)
+        or any(k not in data for k in required)
+        or not ("accuracy_matrix" in data or "metric_matrix" in data)
+    ):
+        raise ValueError(
+            f"{path} is not a run-results document; expected keys {required} and "
+            "'metric_matrix' or 'accuracy_matrix'"
+        )
+    data.setdefault("metric", "accuracy")
+    data.setdefault("higher_is_better", True)
+    data.setdefault("metric_matrix", data.get("accuracy_matrix"))
     return data
 
 

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# The shared checks (clax/_validation.py), re-exported for the model modules.
+from clax._validation import check_int_sequence, check_positive_int, is_int
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Returns ``value`` if it is a positive int, else raises ``ValueError`` naming ``name``."""
-    if not _is_positive_int(value):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def check_int_sequence(name: str, value: object, *, allow_empty: bool = False) -> tuple[int, ...]:
-    """Returns ``value`` as a tuple of positive ints, else raises ``ValueError``."""
-    what = "sequence" if allow_empty else "non-empty sequence"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a {what} of positive ints, got {value!r}")
-    out = tuple(value)
-    if (not out and not allow_empty) or not all(_is_positive_int(v) for v in out):
-        raise ValueError(f"{name} must be a {what} of positive ints, got {value!r}")
-    return out
+__all__ = ["check_input_shape_arg", "check_int_sequence", "check_positive_int"]
 
 
 def check_input_shape_arg(input_shape: object) -> tuple[int, int, int]:
-    """Validates a constructor ``input_shape`` ``(H, W, C)`` and returns it as a tuple."""
-    if (
-        isinstance(input_shape, (str, bytes))
-        or not isinstance(input_shape, Sequence)
-        or len(input_shape) != 3
-        or not all(_is_positive_int(v) for v in input_shape)
-    ):
-        raise ValueError(f"input_shape must be three positive ints (H, W, C), got {input_shape!r}")
-    return tuple(input_shape)  # type: ignore[return-value]
+    """Validates a constructor ``input_shape`` ``(H, W, C)`` and returns it as a tuple.
+
+    Raises:
+        TypeError: ``input_shape`` is not a sequence of ints.
+        ValueError: it does not have three entries, or one is ``< 1``.
+    """
+    what = "input_shape must be three positive ints (H, W, C)"
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) \
+            or not all(is_int(v) for v in input_shape):
+        raise TypeError(f"{what}, got {input_shape!r} ({type(input_shape).__name__})")
+    if len(input_shape) != 3 or any(v < 1 for v in input_shape):
+        raise ValueError(f"{what}, got {input_shape!r}")
+    return tuple(int(v) for v in input_shape)  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from typing import Any
 from flax import nnx
 
 from clax.models.cnn import SmallCNN
+from clax.models.lm import TinyCausalLM
 from clax.models.mlp import MLP
 from clax.models.resnet import ResNet18
 from clax.models.vit import TinyViT
@@ -18,6 +19,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "cnn": SmallCNN,
     "resnet18": ResNet18,
     "vit": TinyViT,
+    "causal_lm": TinyCausalLM,
 }
 
 # Filled by make_model itself, so they are not "model-specific" keyword arguments.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,32 +20,38 @@ class SelfAttention(nnx.Module):
     layer-input capture and per-layer projection methods see ordinary 2-D kernels.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, causal: bool = False, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
+        self.causal = causal
         self.query = nnx.Linear(dim, dim, rngs=rngs)
         self.key = nnx.Linear(dim, dim, rngs=rngs)
         self.value = nnx.Linear(dim, dim, rngs=rngs)
         self.out = nnx.Linear(dim, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Attends over tokens ``x`` of shape ``(B, N, D)``; returns the same shape."""
-        b, n, d = x.shape
-        split = (b, n, self.num_heads, d // self.num_heads)
-        q = self.query(x).reshape(split)
-        k = self.key(x).reshape(split)
-        v = self.value(x).reshape(split)
-        out = jax.nn.dot_product_attention(q, k, v)  # (B, N, H, D/H), 1/sqrt(D/H) scaling
-        return self.out(out.reshape(b, n, d))
+        """Attends over tokens ``x`` of shape ``(B, N, D)``; returns the same shape.
+
+        With ``causal=True`` token ``n`` attends to tokens ``<= n`` only (a decoder).
+        """
+
+        def heads(t):
+            return einops.rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # (B, N, H, D/H), scaled by 1/sqrt(D/H)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out(einops.rearrange(out, "b n h d -> b n (h d)"))
 
 
 class TransformerBlock(nnx.Module):
     """Pre-LN block: ``x + attn(ln1(x))`` then ``x + fc2(gelu(fc1(ln2(x))))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, causal: bool = False,
+                 rngs: nnx.Rngs):
         self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = SelfAttention(dim, num_heads, rngs=rngs)
+        self.attn = SelfAttention(dim, num_heads, causal=causal, rngs=rngs)
         self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
         self.fc1 = nnx.Linear(dim, dim * mlp_ratio, rngs=rngs)
         self.fc2 = nnx.Linear(dim * mlp_ratio, dim, rngs=rngs)

@@ -22,7 +22,7 @@ Example::
 
     trainable = kappatune_mask(params, num_tensors=4)
     tx = train_only(optax.adam(1e-3), trainable)            # frozen leaves: zero update
-    method = Method(name="kappatune", wrapper=lambda tx: train_only(tx, trainable))
+    method = Method(name="kappatune", optimizer=around(lambda tx: train_only(tx, trainable)))
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ def train_only(
     ``optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
     mask_labels(trainable))``: frozen leaves get an exact zero update (so their values
     stay bit-identical, whatever ``tx`` does, weight decay included) and hold no ``tx``
-    state. Extra args are passed on to ``tx``. As a `clax.training.Method` ``wrapper``
-    (``wrapper=lambda tx: train_only(tx, mask)``) it freezes the whole chain: the
+    state. Extra args are passed on to ``tx``. As a `clax.core.Method` optimizer hook
+    (``optimizer=around(lambda tx: train_only(tx, mask))``) it freezes the whole chain: the
     method's transforms and the base optimizer.
 
     Args:

@@ -3,9 +3,11 @@
 A buffer is a :class:`BufferState` (a ``NamedTuple`` of arrays: jit, scan, shard and orbax
 friendly) plus pure functions:
 
-* :func:`init_buffer` allocates ``capacity`` slots for inputs, labels, task ids and
-  optionally logits. Slots ``0 .. size-1`` are filled; the buffer never moves an entry,
-  it only overwrites slots.
+* :func:`init_buffer` allocates ``capacity`` slots for examples shaped like a `Batch`
+  example spec (``x`` and ``y`` any pytrees: images and class ids, token sequences and
+  next-token targets, ...), their task ids and optionally the model's outputs (DER++'s
+  logits, ``(C,)`` or ``(L, V)`` per example). Slots ``0 .. size-1`` are filled; the
+  buffer never moves an entry, it only overwrites slots.
 * :func:`reservoir_insert`: Vitter's algorithm R over the stream of inserted examples.
 * :func:`balanced_insert`: class-balancing reservoir sampling (CBRS, Chrysakis & Moens,
   ICML 2020), with groups given by labels (class-balanced) or task ids (per-task).
@@ -32,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clax.training.method import Batch
+from clax._validation import check_choice, check_int_sequence, check_positive_int
+from clax.core import Batch, take
 
 PyTree = Any
 GroupBy = Literal["label", "task"]
@@ -41,15 +44,17 @@ GroupBy = Literal["label", "task"]
 class BufferState(NamedTuple):
     """State of a replay buffer; every leaf has a fixed shape.
 
-    Slots ``0 .. size-1`` hold stored examples; the others are zeros. The ``group_*``
-    fields exist only in buffers made for :func:`balanced_insert` (``num_groups``), and
-    ``logits`` only in buffers made with ``num_logits``; otherwise they are None.
+    Slots ``0 .. size-1`` hold stored examples; the others are zeros. ``x`` and ``y`` have
+    the structure of the example spec the buffer was made for, each leaf with a leading
+    ``capacity`` axis. The ``group_*`` fields exist only in buffers made for
+    :func:`balanced_insert` (``num_groups``), and ``logits`` only in buffers that store
+    model outputs (``outputs`` / ``num_logits``); otherwise they are None.
     """
 
-    x: jax.Array  # (capacity, *input_shape), input dtype
-    y: jax.Array  # int32 (capacity,) labels
+    x: PyTree  # leaves (capacity, *leaf.shape), each leaf's dtype (e.g. images, tokens)
+    y: PyTree  # leaves (capacity, *leaf.shape): int32 (capacity,) labels, (capacity, L)...
     task_ids: jax.Array  # int32 (capacity,)
-    logits: jax.Array | None  # float32 (capacity, num_logits), or None
+    logits: jax.Array | None  # (capacity, *output.shape) model outputs, or None
     size: jax.Array  # int32 (): filled slots
     seen: jax.Array  # int32 (): examples offered to the buffer so far (stored or not)
     group_seen: jax.Array | None  # int32 (num_groups,): examples offered per group
@@ -60,34 +65,100 @@ class BufferState(NamedTuple):
 class ReplaySample(NamedTuple):
     """A sample drawn by :func:`sample`."""
 
-    batch: Batch  # inputs, labels and task ids of the sampled slots
-    logits: jax.Array | None  # (n, num_logits) stored logits, or None
+    batch: Batch  # inputs, targets and task ids of the sampled slots (n leading)
+    logits: jax.Array | None  # (n, *output.shape) stored model outputs, or None
     index: jax.Array  # int32 (n,) the sampled slots
     weight: jax.Array  # float32 (): 1 if any slot was eligible, else 0 (rows are dummies)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+def _spec(name: str, leaf: Any) -> jax.ShapeDtypeStruct:
+    """One example's leaf (no batch axis) as a ShapeDtypeStruct; arrays are accepted too."""
+    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+        raise TypeError(f"{name} must be a jax.ShapeDtypeStruct (one example, no batch "
+                        f"axis), got {leaf!r} ({type(leaf).__name__})")
+    return jax.ShapeDtypeStruct(tuple(int(d) for d in leaf.shape), leaf.dtype)
+
+
+def _specs(name: str, tree: PyTree) -> PyTree:
+    """`_spec` on every leaf of `tree`, errors naming the leaf's path (``example.x['a']``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _spec(f"{name}{jax.tree_util.keystr(path)}", leaf), tree)
+
+
+def _example_spec(
+    input_shape: Any, input_dtype: Any, num_logits: Any, example: Any, outputs: Any
+) -> tuple[Batch, jax.ShapeDtypeStruct | None]:
+    """The (example, outputs) specs of either call form of :func:`init_buffer`."""
+    if example is None:
+        if input_shape is None:
+            raise ValueError("init_buffer needs input_shape (float inputs, int labels) or "
+                             "example=Batch of jax.ShapeDtypeStruct (e.g. DataSpec.example)")
+        input_shape = check_int_sequence("input_shape", input_shape, low=0, allow_empty=True)
+        example = Batch(
+            x=jax.ShapeDtypeStruct(input_shape, jnp.float32 if input_dtype is None
+                                   else input_dtype),
+            y=jax.ShapeDtypeStruct((), jnp.int32),
+            task_ids=jax.ShapeDtypeStruct((), jnp.int32),
+        )
+        if num_logits is not None:
+            if outputs is not None:
+                raise ValueError("pass num_logits or outputs, not both")
+            outputs = jax.ShapeDtypeStruct((check_positive_int("num_logits", num_logits),),
+                                           jnp.float32)
+    else:
+        if input_shape is not None or input_dtype is not None or num_logits is not None:
+            raise ValueError(
+                "init_buffer takes input_shape/input_dtype/num_logits or example=, not both: "
+                "with example=, the spec gives the dtypes and outputs= the stored outputs")
+        if not isinstance(example, Batch):
+            raise TypeError("example must be a clax.core.Batch of jax.ShapeDtypeStruct (e.g. "
+                            f"DataSpec.example), got {type(example).__name__}")
+        example = Batch(x=_specs("example.x", example.x), y=_specs("example.y", example.y),
+                        task_ids=_spec("example.task_ids", example.task_ids))
+    t = example.task_ids
+    if t.shape != () or not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"example.task_ids must be a scalar int spec (task ids are int32 "
+                         f"(B,)), got shape {t.shape} dtype {t.dtype}")
+    if outputs is not None:
+        outputs = _spec("outputs", outputs)
+    return example, outputs
 
 
 def init_buffer(
     capacity: int,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     *,
-    input_dtype: Any = jnp.float32,
+    input_dtype: Any = None,
     num_logits: int | None = None,
+    example: Batch | None = None,
+    outputs: jax.ShapeDtypeStruct | None = None,
     num_groups: int | None = None,
 ) -> BufferState:
-    """An empty buffer.
+    """An empty buffer, for examples of any structure.
+
+    Two call forms:
+
+    * ``init_buffer(capacity, example=spec, outputs=out)``: ``spec`` is one example as a
+      `Batch` of ``jax.ShapeDtypeStruct`` (no batch axis; ``DataSpec.example``). Each leaf
+      of ``spec.x`` and ``spec.y`` becomes a ``(capacity, *leaf.shape)`` array of the leaf's
+      dtype: images ``(H, W, C)`` and a scalar class id, or token ids ``(L,)`` and
+      next-token targets ``(L,)`` int32 for a language model. ``out`` is the model's output
+      for one example (``DataSpec.output``: logits ``(C,)`` or ``(L, V)``), stored as
+      ``(capacity, *out.shape)`` of its dtype for DER++; None stores no outputs.
+    * ``init_buffer(capacity, input_shape, input_dtype=float32, num_logits=None)``: the
+      image-classifier shorthand, inputs ``(capacity, *input_shape)`` of ``input_dtype``,
+      int32 labels ``(capacity,)`` and, with ``num_logits``, float32 logits
+      ``(capacity, num_logits)``.
 
     Args:
         capacity: Number of slots, a positive int.
-        input_shape: Shape of one input example, e.g. ``(H, W, C)``.
-        input_dtype: Storage dtype of the inputs.
-        num_logits: Store a float32 logit vector of this width per example (DER++);
-            None stores none.
+        input_shape: Shape of one input example, e.g. ``(H, W, C)`` (shorthand form).
+        input_dtype: Storage dtype of the inputs (shorthand form; default float32).
+        num_logits: Store a float32 logit vector of this width per example (shorthand
+            form); None stores none.
+        example: One example's `Batch` of ``jax.ShapeDtypeStruct`` (``task_ids`` a scalar
+            int); arrays with ``shape`` and ``dtype`` are accepted as leaves too.
+        outputs: One example's model output, a ``jax.ShapeDtypeStruct``, or None.
         num_groups: Number of groups (classes or tasks) for :func:`balanced_insert`;
             None makes a buffer for :func:`reservoir_insert` only.
 
@@ -95,32 +166,26 @@ def init_buffer(
         The :class:`BufferState`.
 
     Raises:
-        ValueError: On a capacity that is not a positive int (capacity zero included), a
-            negative dimension in ``input_shape``, or a non-positive ``num_logits`` /
-            ``num_groups``.
+        TypeError: On a capacity, ``num_logits`` or ``num_groups`` that is not an int, or
+            an ``example`` that is not a `Batch` of shape/dtype leaves.
+        ValueError: On a non-positive capacity, ``num_logits`` or ``num_groups``, a
+            negative dimension in ``input_shape``, both call forms (or neither) at once,
+            or ``example.task_ids`` that is not a scalar int.
     """
-    capacity = _check_positive_int("capacity", capacity)
-    try:
-        input_shape = tuple(int(d) for d in input_shape)
-    except TypeError:
-        raise ValueError(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
-    if any(d < 0 for d in input_shape):
-        raise ValueError(f"input_shape must have non-negative dimensions, got {input_shape}")
-    logits = None
-    if num_logits is not None:
-        logits = jnp.zeros((capacity, _check_positive_int("num_logits", num_logits)),
-                           jnp.float32)
+    capacity = check_positive_int("capacity", capacity)
+    example, outputs = _example_spec(input_shape, input_dtype, num_logits, example, outputs)
+    store = lambda s: jnp.zeros((capacity, *s.shape), s.dtype)
     group_seen = group_size = group_full = None
     if num_groups is not None:
-        g = _check_positive_int("num_groups", num_groups)
+        g = check_positive_int("num_groups", num_groups)
         group_seen = jnp.zeros((g,), jnp.int32)
         group_size = jnp.zeros((g,), jnp.int32)
         group_full = jnp.zeros((g,), bool)
     return BufferState(
-        x=jnp.zeros((capacity, *input_shape), input_dtype),
-        y=jnp.zeros((capacity,), jnp.int32),
+        x=jax.tree.map(store, example.x),
+        y=jax.tree.map(store, example.y),
         task_ids=jnp.zeros((capacity,), jnp.int32),
-        logits=logits,
+        logits=None if outputs is None else store(outputs),
         size=jnp.zeros((), jnp.int32),
         seen=jnp.zeros((), jnp.int32),
         group_seen=group_seen,
@@ -131,10 +196,28 @@ def init_buffer(
 
 def capacity_of(state: BufferState) -> int:
     """Number of slots of the buffer (static)."""
-    return state.y.shape[0]
+    return state.task_ids.shape[0]
 
 
 # ------------------------------------------------------------------------ input checks
+
+
+def _checked_part(name: str, what: str, values: PyTree, store: PyTree, n: int) -> PyTree:
+    """`values` (``batch.x`` or ``batch.y``) checked against the buffer's `store` and cast
+    to its dtypes; every leaf must be ``(n, *stored leaf shape)``."""
+    if jax.tree.structure(values) != jax.tree.structure(store):
+        raise ValueError(f"{name} must have the structure of the buffer's {what}, "
+                         f"{jax.tree.structure(store)}; got {jax.tree.structure(values)}")
+
+    def check(path, slot, value):
+        leaf = f"{name}{jax.tree_util.keystr(path)}"
+        want = (n, *slot.shape[1:])
+        if np.shape(value) != want:
+            raise ValueError(f"{leaf} has shape {np.shape(value)}; this buffer stores {what} "
+                             f"of shape {slot.shape[1:]}, so {leaf} must be {want}")
+        return jnp.asarray(value, slot.dtype)
+
+    return jax.tree_util.tree_map_with_path(check, store, values)
 
 
 def _checked_inputs(
@@ -142,38 +225,33 @@ def _checked_inputs(
 ) -> tuple[Batch, jax.Array | None, jax.Array]:
     """Shape checks (static, so they raise at trace time too) and dtype casts."""
     if not isinstance(batch, Batch):
-        raise TypeError(f"batch must be a clax.training.Batch, got {type(batch).__name__}")
+        raise TypeError(f"batch must be a clax.core.Batch, got {type(batch).__name__}")
     x, y, t = batch
-    n = np.shape(y)[0] if np.ndim(y) == 1 else None
-    if n is None:
-        raise ValueError(f"batch.y must have shape (B,), got {np.shape(y)}")
-    if np.shape(x) != (n, *state.x.shape[1:]):
-        raise ValueError(
-            f"batch.x has shape {np.shape(x)}; this buffer stores inputs of shape "
-            f"{state.x.shape[1:]}, so batch.x must be {(n, *state.x.shape[1:])}"
-        )
+    # The batch size comes from the targets first (then inputs, then task ids), so a
+    # mismatch is reported on the other parts.
+    first = jax.tree.leaves((y, x, t))[0]
+    if np.ndim(first) == 0:
+        raise ValueError(f"every array of the batch needs a leading batch axis, got a leaf "
+                         f"of shape {np.shape(first)}")
+    n = np.shape(first)[0]
+    y = _checked_part("batch.y", "targets", y, state.y, n)
+    x = _checked_part("batch.x", "inputs", x, state.x, n)
     if np.shape(t) != (n,):
         raise ValueError(f"batch.task_ids must have shape ({n},), got {np.shape(t)}")
     if state.logits is None and logits is not None:
-        raise ValueError("logits given, but this buffer stores none (init_buffer(num_logits=...))")
+        raise ValueError("logits given, but this buffer stores none (init_buffer(outputs=...))")
     if state.logits is not None:
+        want = (n, *state.logits.shape[1:])
         if logits is None:
-            raise ValueError("this buffer stores logits: pass logits=(B, num_logits)")
-        if np.shape(logits) != (n, state.logits.shape[1]):
-            raise ValueError(
-                f"logits must have shape ({n}, {state.logits.shape[1]}), got {np.shape(logits)}"
-            )
-        logits = jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32))
+            raise ValueError(f"this buffer stores model outputs: pass logits of shape {want}")
+        if np.shape(logits) != want:
+            raise ValueError(f"logits must have shape {want}, got {np.shape(logits)}")
+        logits = jax.lax.stop_gradient(jnp.asarray(logits, state.logits.dtype))
     if mask is None:
         mask = jnp.ones((n,), bool)
     elif np.shape(mask) != (n,):
         raise ValueError(f"mask must have shape ({n},), got {np.shape(mask)}")
-    batch = Batch(
-        x=jnp.asarray(x, state.x.dtype),
-        y=jnp.asarray(y, jnp.int32),
-        task_ids=jnp.asarray(t, jnp.int32),
-    )
-    return batch, logits, jnp.asarray(mask, bool)
+    return Batch(x=x, y=y, task_ids=jnp.asarray(t, jnp.int32)), logits, jnp.asarray(mask, bool)
 
 
 # ------------------------------------------------------------------------ writing
@@ -201,8 +279,8 @@ def _write(state: BufferState, batch: Batch, logits: jax.Array | None, slots: ja
         return store.at[slots].set(values, mode="drop", unique_indices=True)
 
     return state._replace(
-        x=put(state.x, batch.x),
-        y=put(state.y, batch.y),
+        x=jax.tree.map(put, state.x, batch.x),
+        y=jax.tree.map(put, state.y, batch.y),
         task_ids=put(state.task_ids, batch.task_ids),
         logits=None if state.logits is None else put(state.logits, logits),
     )
@@ -251,10 +329,13 @@ def reservoir_insert(
 
     Args:
         state: The buffer.
-        batch: ``Batch(x (B, *input_shape), y (B,), task_ids (B,))``.
+        batch: A `Batch` shaped like the buffer's examples with a leading axis ``B``
+            (``x (B, *input_shape), y (B,)`` for a classifier, ``x, y (B, L)`` for an
+            LM), ``task_ids (B,)``.
         key: A JAX key (rows draw from ``fold_in(key, position)``, so reusing a key
             across calls does not repeat draws).
-        logits: ``(B, num_logits)`` logits to store (required iff the buffer stores them).
+        logits: ``(B, *output shape)`` model outputs to store (required iff the buffer
+            stores them).
         mask: Optional bool ``(B,)``; False rows are not offered (not counted as seen).
 
     Returns:
@@ -284,6 +365,16 @@ def _random_choice(key: jax.Array, eligible: jax.Array) -> jax.Array:
     return jnp.argmax(jnp.where(eligible, scores, -1.0)).astype(jnp.int32)
 
 
+def _check_scalar_labels(y: PyTree) -> None:
+    """Class-balancing groups by label: ``y`` must be one int class id per example."""
+    is_leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(y))
+    if not (is_leaf and np.ndim(y) == 1 and jnp.issubdtype(y.dtype, jnp.integer)):
+        per_example = jax.tree.map(lambda a: f"{np.shape(a)[1:]} {a.dtype}", y)
+        raise ValueError(
+            "by='label' needs scalar int labels (example y of shape () int, batch.y (B,)); "
+            f"this buffer stores y per example as {per_example}: use by='task'")
+
+
 def balanced_insert(
     state: BufferState,
     batch: Batch,
@@ -303,8 +394,8 @@ def balanced_insert(
     * ``n_c ← n_c + 1`` (examples of ``c`` offered so far);
     * buffer not full: store it in the next free slot;
     * else, if ``c`` is not *full* (a group becomes full, for good, when it is a largest
-      group of the full buffer): overwrite a uniformly random slot of a largest group (ties broken at
-      random);
+      group of the full buffer): overwrite a uniformly random slot of a largest group
+      (ties broken at random);
     * else, with probability ``m_c / n_c`` (``m_c`` stored examples of ``c``), overwrite a
       uniformly random slot of ``c`` (reservoir sampling within the group).
 
@@ -320,22 +411,26 @@ def balanced_insert(
 
     Args:
         state: A buffer made with ``num_groups``.
-        batch: ``Batch(x (B, *input_shape), y (B,), task_ids (B,))``.
+        batch: A `Batch` shaped like the buffer's examples with a leading axis ``B``;
+            ``by="label"`` needs int labels ``y (B,)``.
         key: A JAX key.
         by: ``"label"`` or ``"task"``: what defines an example's group.
-        logits: ``(B, num_logits)`` logits to store (required iff the buffer stores them).
+        logits: ``(B, *output shape)`` model outputs to store (required iff the buffer
+            stores them).
         mask: Optional bool ``(B,)``; False rows are not offered.
 
     Returns:
         The new state.
 
     Raises:
-        ValueError: On a buffer without groups, a bad ``by``, or shapes that do not match.
+        ValueError: On a buffer without groups, a bad ``by``, ``by="label"`` on a buffer
+            whose targets are not scalar int labels, or shapes that do not match.
     """
     if state.group_seen is None:
         raise ValueError("balanced_insert needs a buffer made with init_buffer(num_groups=...)")
-    if by not in ("label", "task"):
-        raise ValueError(f"by must be 'label' or 'task', got {by!r}")
+    by = check_choice("by", by, ("label", "task"))
+    if by == "label":
+        _check_scalar_labels(state.y)
     batch, logits, mask = _checked_inputs(state, batch, logits, mask)
     c = capacity_of(state)
     g = state.group_seen.shape[0]
@@ -428,7 +523,7 @@ def sample(
         ValueError: On a bad ``num`` or ``where`` shape; outside jit, when no slot is
             eligible and not ``allow_empty``.
     """
-    num = _check_positive_int("num", num)
+    num = check_positive_int("num", num)
     c = capacity_of(state)
     eligible = jnp.arange(c) < state.size
     if where is not None:
@@ -447,18 +542,23 @@ def sample(
     # The (r+1)-th eligible slot: the first position whose running count exceeds r.
     index = jnp.minimum(jnp.searchsorted(cum, r, side="right"), c - 1).astype(jnp.int32)
     return ReplaySample(
-        batch=Batch(x=state.x[index], y=state.y[index], task_ids=state.task_ids[index]),
+        batch=Batch(x=take(state.x, index), y=take(state.y, index),
+                    task_ids=state.task_ids[index]),
         logits=None if state.logits is None else state.logits[index],
         index=index,
         weight=(count > 0).astype(jnp.float32),
     )
 
 
-def stored(state: BufferState) -> dict[str, np.ndarray]:
-    """The filled entries as host numpy arrays (for inspection and tests; not for jit)."""
+def stored(state: BufferState) -> dict[str, PyTree]:
+    """The filled entries as host numpy arrays (for inspection and tests; not for jit).
+
+    ``"x"`` and ``"y"`` have the structure of the buffer's examples (an array for a
+    classifier's inputs and labels)."""
     n = int(state.size)
-    out = {"x": np.asarray(state.x[:n]), "y": np.asarray(state.y[:n]),
-           "task_ids": np.asarray(state.task_ids[:n])}
+    host = lambda a: np.asarray(a[:n])
+    out = {"x": jax.tree.map(host, state.x), "y": jax.tree.map(host, state.y),
+           "task_ids": host(state.task_ids)}
     if state.logits is not None:
         out["logits"] = np.asarray(state.logits[:n])
     return out

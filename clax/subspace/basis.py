@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clax._validation import check_int, check_positive_int
+
 ArrayLike = jax.typing.ArrayLike
 
 
@@ -46,19 +48,11 @@ def empty_basis(n: int, capacity: int | None = None, dtype: Any = jnp.float32) -
         A :class:`SubspaceBasis` with zero vectors of shape ``(n, capacity)`` and rank 0.
 
     Raises:
+        TypeError: On a non-int ``n`` or ``capacity``.
         ValueError: On a non-positive ``n`` or a capacity outside ``[1, n]``.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    n = int(n)
-    if capacity is None:
-        capacity = n
-    if (
-        isinstance(capacity, bool)
-        or not isinstance(capacity, (int, np.integer))
-        or not 1 <= capacity <= n
-    ):
-        raise ValueError(f"capacity must be an int in [1, n={n}], got {capacity!r}")
+    n = check_positive_int("n", n)
+    capacity = n if capacity is None else check_int("capacity", capacity, low=1, high=n)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
     return SubspaceBasis(
@@ -67,11 +61,15 @@ def empty_basis(n: int, capacity: int | None = None, dtype: Any = jnp.float32) -
 
 
 def check_threshold(threshold: Any, name: str = "threshold") -> None:
-    """Raises ValueError unless ``threshold`` is in ``(0, 1)``; traced values are skipped.
+    """Checks that ``threshold`` is a scalar in ``(0, 1)``; traced values are skipped.
 
     Args:
         threshold: A Python number or a concrete scalar array (a tracer is not checked).
         name: How the argument is called in the error message.
+
+    Raises:
+        TypeError: ``threshold`` is not a number (a bool, a str, ``None``, a bool array).
+        ValueError: It is not a scalar, not finite, or outside ``(0, 1)``.
     """
     if isinstance(threshold, jax.core.Tracer):
         return
@@ -79,15 +77,10 @@ def check_threshold(threshold: Any, name: str = "threshold") -> None:
         value = np.asarray(threshold)
     except Exception:  # noqa: BLE001 - reported below with the offending value
         value = None
-    ok = (
-        value is not None
-        and value.shape == ()
-        and value.dtype != np.bool_
-        and np.issubdtype(value.dtype, np.number)
-        and math.isfinite(float(value))
-        and 0.0 < float(value) < 1.0
-    )
-    if not ok:
+    if value is None or value.dtype == np.bool_ or not np.issubdtype(value.dtype, np.number):
+        raise TypeError(f"{name} must be a scalar in (0, 1), got {threshold!r} "
+                        f"({type(threshold).__name__})")
+    if value.shape != () or not (math.isfinite(float(value)) and 0.0 < float(value) < 1.0):
         raise ValueError(f"{name} must be a scalar in (0, 1), got {threshold!r}")
 
 

@@ -43,6 +43,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clax._validation import check_positive_int
+
 __all__ = [
     "FrequentDirections",
     "init_sketch",
@@ -70,11 +72,10 @@ def init_sketch(dim: int, rank: int, dtype=jnp.float32) -> FrequentDirections:
     """An empty sketch of ``rank`` directions in ``R^dim`` (all zero).
 
     Raises:
-        ValueError: If ``dim`` or ``rank`` is not a positive int.
+        TypeError: If ``dim`` or ``rank`` is not an int.
+        ValueError: If ``dim`` or ``rank`` is ``< 1``.
     """
-    for name, value in (("dim", dim), ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    dim, rank = check_positive_int("dim", dim), check_positive_int("rank", rank)
     return FrequentDirections(
         directions=jnp.zeros((dim, rank), dtype), sigma=jnp.zeros((rank,), dtype)
     )

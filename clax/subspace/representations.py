@@ -179,7 +179,7 @@ def collect_representations(
     """Jitted :func:`representation_matrices` on a split model, in evaluation mode.
 
     Args:
-        model_fns: A :class:`clax.training.model_fns.ModelFns` (its eval-mode graph is used,
+        model_fns: A :class:`clax.core.ModelFns` (its eval-mode graph is used,
             as GPM collects representations with the model in ``eval()`` mode).
         params: The parameter dict.
         model_state: The other model variables (BatchNorm statistics).

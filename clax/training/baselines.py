@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from clax.data.scenarios import Task
-from clax.training.method import Method, TrainArrays, register_method
+from clax.core import Method, TrainArrays, register_method
 
 
 @register_method("finetune")

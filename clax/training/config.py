@@ -5,12 +5,15 @@ Sections (every experiment config starts from `default_config()` and edits it):
 - ``data``: ``source`` (``digits``, ``idx``, ``fashion_mnist``, ``tfds``) plus that
   source's keyword arguments (unset keys are typed placeholders and are not passed).
 - ``scenario``: ``name`` (``class_incremental``, ``task_incremental``, ``permuted``,
-  ``rotated``) plus its keyword arguments (placeholders likewise).
+  ``rotated``, ...; or a token scenario of `clax.data.text.TEXT_SCENARIOS`, which needs no
+  data source) plus its keyword arguments (placeholders likewise).
 - ``model``: ``name``, ``multi_head`` (one head per task; task-incremental scenarios
   only) and one subsection per model with its arguments: ``model.mlp.widths``,
   ``model.cnn.channels``, ...; only the selected model's subsection is used.
 - ``method``: ``name`` and one subsection per registered method with its
   hyperparameters: ``--config.method.name=ewc --config.method.ewc.lam=100``.
+- ``objective``: ``name`` (``classification``: masked cross-entropy and accuracy;
+  ``language_modeling``: next-token cross-entropy, loss / perplexity / token accuracy).
 - ``optimizer``: ``name`` (``sgd``, ``adam``, ``adamw``), ``learning_rate``,
   ``momentum`` (sgd only), ``weight_decay`` (sgd and adamw).
 - ``train``: schedule, batch sizes, evaluation, checkpointing, data path.
@@ -25,13 +28,25 @@ import inspect
 from typing import Any
 
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from ml_collections.config_dict import placeholder
 
+import clax.methods  # noqa: F401  (the driver registers every method explicitly)
 from clax import data as clax_data
 from clax import models as clax_models
-from clax.training.method import Method, make_method, method_hyperparameters, registered_methods
+from clax.core import (
+    Classification,
+    LanguageModeling,
+    Method,
+    Objective,
+    make_method,
+    method_hyperparameters,
+    registered_methods,
+)
+from clax.data.text import TEXT_SCENARIOS
+from clax.training import baselines  # noqa: F401  (registers finetune and joint)
 
 _SIMPLE = (bool, int, float, str, tuple)
 # Keys of train/optimizer that may change when a run resumes (they do not change results).
@@ -70,6 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"name": "mlp", "multi_head": False})
     for name in sorted(clax_models.MODELS):
         c.model[name] = _defaults_section(_model_defaults(name))
+    c.objective = ml_collections.ConfigDict({"name": "classification"})
     c.method = ml_collections.ConfigDict({"name": "finetune"})
     for name in registered_methods():
         c.method[name] = _defaults_section(method_hyperparameters(name))
@@ -107,7 +123,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Component arguments (data, scenario, model, method) are checked by the components.
     """
     ref = default_config()
-    for section in ("train", "optimizer"):
+    for section in ("train", "optimizer", "objective"):
         unknown = sorted(set(config[section].keys()) - set(ref[section].keys()))
         if unknown:
             raise ValueError(
@@ -129,6 +145,10 @@ def component_kwargs(section: ml_collections.ConfigDict, *selectors: str) -> dic
 
 def build_scenario(config: ml_collections.ConfigDict):
     """Loads the data source and splits it into the configured scenario."""
+    if config.scenario.name in TEXT_SCENARIOS:
+        kwargs = component_kwargs(config.scenario, "name")
+        kwargs.pop("classes_per_task", None)  # an image-scenario default
+        return TEXT_SCENARIOS[config.scenario.name](**kwargs)
     dataset = clax_data.load_source(config.data.source, **component_kwargs(config.data, "source"))
     return clax_data.make_scenario(
         config.scenario.name, dataset, **component_kwargs(config.scenario, "name")
@@ -165,6 +185,29 @@ def build_model(config: ml_collections.ConfigDict, scenario) -> nnx.Module:
         seed=config.seed,
         **_subsection(config.model, name),
     )
+
+
+OBJECTIVES = ("classification", "language_modeling")
+
+
+def logit_masks(scenario) -> np.ndarray | None:
+    """Task-incremental runs see only their task's classes (train and test)."""
+    if not scenario.uses_task_ids:
+        return None
+    masks = np.zeros((scenario.num_tasks, scenario.num_classes), bool)
+    for task in scenario.tasks:
+        masks[task.id, task.classes] = True
+    return masks
+
+
+def build_objective(config: ml_collections.ConfigDict, scenario) -> Objective:
+    """``config.objective.name`` for `scenario` (logit masks for task-incremental runs)."""
+    name = config.objective.name
+    if name == "classification":
+        return Classification(logit_masks=logit_masks(scenario))
+    if name == "language_modeling":
+        return LanguageModeling()
+    raise ValueError(f"unknown objective {name!r}; valid choices: {', '.join(OBJECTIVES)}")
 
 
 def build_method(config: ml_collections.ConfigDict) -> Method:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
-from clax.training.method import Batch, TrainArrays
+from clax.core import Batch, TrainArrays, num_examples, take
+from clax.typing import PyTree
 
 
 def epoch_index_batches(
@@ -36,19 +38,19 @@ def epoch_index_batches(
 def host_batches(data: TrainArrays, index_batches: np.ndarray) -> Iterator[Batch]:
     """Host-fed path: yields numpy batches in the order of `index_batches`."""
     for idx in index_batches:
-        yield Batch(x=data.x[idx], y=data.y[idx], task_ids=data.task_ids[idx])
+        yield Batch(x=take(data.x, idx), y=take(data.y, idx), task_ids=data.task_ids[idx])
 
 
 def padded_eval_batches(
-    x: np.ndarray, y: np.ndarray, task_ids: np.ndarray, batch_size: int
+    x: PyTree, y: PyTree, task_ids: np.ndarray, batch_size: int
 ) -> tuple[Batch, np.ndarray]:
-    """Pads an evaluation set to whole batches.
+    """Pads an evaluation set (arrays or pytrees of arrays) to whole batches.
 
     Returns:
       (batches, valid): arrays shaped (num_batches, batch_size, ...), num_batches a power
       of two, and a bool mask of the real (non-padding) examples.
     """
-    n = len(y)
+    n = num_examples(y)
     # A power-of-two batch count: evaluation sets of similar size share one compilation.
     num_batches = 1 << max(0, -(-n // batch_size) - 1).bit_length()
     pad = num_batches * batch_size - n
@@ -58,7 +60,7 @@ def padded_eval_batches(
         return a.reshape(num_batches, batch_size, *a.shape[1:])
 
     valid = fit(np.ones(n, bool))
-    return Batch(x=fit(x), y=fit(y), task_ids=fit(task_ids)), valid
+    return Batch(x=jax.tree.map(fit, x), y=jax.tree.map(fit, y), task_ids=fit(task_ids)), valid
 
 
 def subsample(n: int, size: int | None, *, seed: int) -> np.ndarray:

@@ -1,9 +1,16 @@
 """The continual-training loop: tasks in order, evaluation, checkpoints, resume.
 
 `train_continual(config, workdir)` trains a model on every task of the configured
-scenario with the configured method and returns the accuracy matrix and metrics. With a
-workdir it checkpoints at task boundaries (and every N steps if asked) and a second call
-with the same workdir resumes where the first stopped, ending with the same metrics.
+scenario with the configured method and returns the metric matrices (one per metric of
+the run's objective) and their summary. With a workdir it checkpoints at task boundaries
+(and every N steps if asked) and a second call with the same workdir resumes where the
+first stopped, ending with the same metrics.
+
+The loop is a few small parts: `_build` (scenario, model, objective, method, jitted
+steps, evaluators), `_resume` (the latest checkpoint, if any), `_train_task` (boundary
+hooks around `_train_epoch`), `_train_epoch` (compiled chunks of steps, continual
+evaluation, periodic checkpoints) and `_finish` (summary and result files). Everything
+that must survive a restart lives in the typed `Progress`, saved next to the state.
 """
 
 from __future__ import annotations
@@ -18,20 +25,28 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from clax import metrics as clax_metrics
-from clax.training import config as config_lib
-from clax.training import feed
-from clax.training.checkpoint import Checkpointer
-from clax.training.method import (
+from clax.core import (
     Batch,
     BoundaryContext,
+    Classification,
+    DataSpec,
     Method,
+    ModelFns,
+    Objective,
     TrainArrays,
     TrainState,
     current_task_data,
+    example_spec,
+    num_examples,
+    primary_metric,
 )
-from clax.training.model_fns import ModelFns
+from clax.data import Scenario
+from clax.training import config as config_lib
+from clax.training import feed
+from clax.training.checkpoint import Checkpointer
 from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, next_power_of_two, pad_to_bucket
 
@@ -43,14 +58,53 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclasses.dataclass
+class Progress:
+    """Where a run is and what it has measured: saved with every checkpoint (as JSON).
+
+    ``rows[i]`` maps each metric to its values on every task after task ``i``;
+    ``baseline`` maps each metric to the initial model's values.
+    """
+
+    task: int = 0  # the next task to train (or the one in progress)
+    epoch: int = 0  # the next epoch of that task
+    step_in_epoch: int = 0  # steps of that epoch already taken (resume mid-epoch)
+    done: bool = False
+    baseline: dict[str, list[float]] | None = None
+    rows: list[dict[str, list[float]]] = dataclasses.field(default_factory=list)
+    curves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    task_boundaries: list[int] = dataclasses.field(default_factory=list)  # start step per task
+    train_time_s: float = 0.0  # in training steps and boundary hooks (compiles included)
+    task_train_time_s: list[float] = dataclasses.field(default_factory=list)
+    eval_time_s: float = 0.0  # in continual (periodic) evaluation, compiles included
+    task_eval_time_s: list[float] = dataclasses.field(default_factory=list)
+    task_start_train_time_s: float = 0.0  # train_time_s when the current task started
+    task_start_eval_time_s: float = 0.0  # eval_time_s when the current task started
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any]) -> Progress:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(meta) - known)
+        if unknown:
+            raise ValueError(f"checkpoint progress has unknown fields {unknown}; it was written "
+                             "by another clax version. Use a new --workdir.")
+        return cls(**meta)
+
+    def matrix(self, metric: str) -> np.ndarray:
+        """The (tasks done, T) matrix of `metric`."""
+        return np.asarray([row[metric] for row in self.rows], np.float64)
+
+
+@dataclasses.dataclass
 class RunResult:
     """What a finished run returns (also written to the workdir)."""
 
     name: str
-    accuracy_matrix: np.ndarray  # (T, T): row i after task i, column j task j
-    baseline: np.ndarray  # (T,) accuracy of the initial model on each task
-    summary: dict[str, Any]  # acc, bwt, fwt, forgetting, ...
-    curves: list[dict[str, Any]]  # periodic evaluations (step, train_task, eval_task, acc)
+    metric: str  # the primary metric (the objective's first): summary and `matrix`
+    higher_is_better: bool  # the primary metric's direction
+    matrices: dict[str, np.ndarray]  # metric -> (T, T): row i after task i, column j task j
+    baselines: dict[str, np.ndarray]  # metric -> (T,) the initial model on each task
+    summary: dict[str, Any]  # acc, bwt, fwt, forgetting (of the primary metric), ...
+    curves: list[dict[str, Any]]  # periodic evaluations (step, train_task, eval_task, value)
     train_time_s: float  # time in training steps and consolidation (compiles included)
     task_train_time_s: list[float]  # the same, per task
     eval_time_s: float = 0.0  # time in continual (periodic) evaluation, compile included
@@ -58,6 +112,27 @@ class RunResult:
     task_boundaries: list[int] = dataclasses.field(default_factory=list)  # start step per task
     state: TrainState | None = None
     model: ModelFns | None = None
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The primary metric's (T, T) matrix."""
+        return self.matrices[self.metric]
+
+    @property
+    def baseline(self) -> np.ndarray:
+        """The primary metric of the initial model on each task, (T,)."""
+        return self.baselines[self.metric]
+
+    @property
+    def accuracy_matrix(self) -> np.ndarray:
+        """The accuracy matrix (classification objectives)."""
+        if "accuracy" not in self.matrices:
+            raise KeyError(f"run {self.name!r} has no accuracy (its objective reports "
+                           f"{', '.join(self.matrices)}); use RunResult.matrix")
+        return self.matrices["accuracy"]
+
+
+# ------------------------------------------------------------------------------ checks
 
 
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -112,61 +187,52 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _check_model_fits(model: Any, scenario: Any) -> None:
+def _check_model_fits(fns: ModelFns, scenario: Scenario, objective: Objective) -> None:
     """Shape checks before anything is compiled."""
-    shape = tuple(model.input_shape)
-    if shape != tuple(scenario.input_shape):
+    if fns.input_shape is not None:
+        shape, data = tuple(fns.input_shape), tuple(scenario.input_shape)
+        fits = shape == data or (not isinstance(objective, Classification)
+                                 and len(shape) == len(data) == 1 and shape[0] >= data[0])
+        if not fits:
+            raise ValueError(
+                f"model input shape {shape} does not match the data's input shape {data} "
+                f"(scenario {scenario.name!r})"
+            )
+    if fns.num_classes is not None and fns.num_classes < scenario.num_classes:
         raise ValueError(
-            f"model input shape {shape} does not match the data's input shape "
-            f"{tuple(scenario.input_shape)} (scenario {scenario.name!r})"
-        )
-    if model.num_classes < scenario.num_classes:
-        raise ValueError(
-            f"model has {model.num_classes} outputs but scenario {scenario.name!r} has "
+            f"model has {fns.num_classes} outputs but scenario {scenario.name!r} has "
             f"{scenario.num_classes} classes"
         )
-    if model.num_tasks > 1 and not scenario.uses_task_ids:
+    if fns.num_tasks > 1 and not scenario.uses_task_ids:
         raise ValueError(
-            f"model has {model.num_tasks} heads, but scenario {scenario.name!r} is "
+            f"model has {fns.num_tasks} heads, but scenario {scenario.name!r} is "
             f"{scenario.kind} and gives no task ids; heads would be picked with task "
             "knowledge the scenario does not allow. Use a single-head model."
         )
-    if model.num_tasks not in (1, scenario.num_tasks):
+    if fns.num_tasks not in (1, scenario.num_tasks):
         raise ValueError(
-            f"model has {model.num_tasks} heads; expected 1 or the scenario's "
+            f"model has {fns.num_tasks} heads; expected 1 or the scenario's "
             f"{scenario.num_tasks} tasks"
         )
 
 
-# What `Method.online_fallback` may declare (see `_online_mode`).
-ONLINE_FALLBACKS = ("single_task",)
-
-
-def _online_mode(scenario: Any, method: Method, train: ml_collections.ConfigDict) -> bool:
+def _check_online(scenario: Scenario, method: Method, train: ml_collections.ConfigDict
+                  ) -> bool:
     """Whether `scenario` is an online stream, after checking `method` can run on one.
 
     An online stream (``Scenario.online``) is one pass over the data with the task
-    boundaries hidden from the method: the loop trains one epoch per task, passes task
-    index 0 and task ids 0 to the step hooks, and calls no boundary hooks, except for a
-    method declaring ``online_fallback="single_task"``, whose ``before_task`` runs once
-    before the stream and ``consolidate`` once after it, both seeing the stream as one
-    task (`_stream_context`).
+    boundaries hidden from the method: the loop trains one epoch per task and passes task
+    index 0 and task ids 0 to the step hooks. Methods that need boundaries (boundary
+    hooks, their own training data) are refused.
     """
-    if not getattr(scenario, "online", False):
+    if not scenario.online:
         return False
-    fallback = method.online_fallback
-    if fallback is not None and fallback not in ONLINE_FALLBACKS:
-        raise ValueError(
-            f"method {method.name!r}: online_fallback must be None or one of "
-            f"{ONLINE_FALLBACKS}, got {fallback!r}"
-        )
     hooks = [h for h in ("before_task", "consolidate") if getattr(method, h) is not None]
-    if hooks and fallback is None:
+    if hooks:
         raise ValueError(
             f"method {method.name!r} needs task boundaries (it has {' and '.join(hooks)} "
             f"hooks), but scenario {scenario.name!r} is an online stream that hides them. "
-            "Use a method without boundary hooks, or one that declares "
-            "online_fallback='single_task' (hooks run once around the whole stream)."
+            "Use a method without boundary hooks, or the scenario without online=True."
         )
     if method.training_data is not current_task_data:
         raise ValueError(
@@ -186,19 +252,6 @@ def _online_mode(scenario: Any, method: Method, train: ml_collections.ConfigDict
     return True
 
 
-def _stream_context(ctx: BoundaryContext, scenario: Any) -> BoundaryContext:
-    """``ctx`` with the whole online stream as one task (the ``single_task`` fallback)."""
-    tasks = scenario.tasks
-    whole = tasks[0]._replace(
-        id=0,
-        **{f: np.concatenate([getattr(t, f) for t in tasks])
-           for f in ("x_train", "y_train", "x_test", "y_test")},
-        classes=np.unique(np.concatenate([t.classes for t in tasks])).astype(np.int32),
-    )
-    train = TrainArrays(whole.x_train, whole.y_train, np.zeros(len(whole.y_train), np.int32))
-    return ctx._replace(task_index=0, tasks=(whole,), train=train)
-
-
 def _checked_hook_state(new: TrainState, old: TrainState, hook: str, method: Method
                         ) -> TrainState:
     """Boundary hooks must keep every shape (one compiled step; restorable checkpoints)."""
@@ -212,7 +265,8 @@ def _checked_hook_state(new: TrainState, old: TrainState, hook: str, method: Met
                 f"method {method.name!r}: {hook} changed the tree structure of state.{part}; "
                 "memory must keep the structure init_memory gave it (use fixed capacity)"
             )
-        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b),
+                                strict=True):
             was, now = (np.shape(x), _dtype(x)), (np.shape(y), _dtype(y))
             if was != now:
                 raise ValueError(
@@ -227,16 +281,6 @@ def _dtype(x: Any) -> str:
     return str(getattr(x, "dtype", None) or np.result_type(x))
 
 
-def _logit_masks(scenario: Any) -> np.ndarray | None:
-    """Task-incremental runs see only their task's classes (train and test)."""
-    if not scenario.uses_task_ids:
-        return None
-    masks = np.zeros((scenario.num_tasks, scenario.num_classes), bool)
-    for task in scenario.tasks:
-        masks[task.id, task.classes] = True
-    return masks
-
-
 def _eval_period(train: ml_collections.ConfigDict) -> int:
     """ρ of continual evaluation: ``config.train.eval_every_steps`` (0: off)."""
     rho = train.eval_every_steps
@@ -248,27 +292,36 @@ def _eval_period(train: ml_collections.ConfigDict) -> int:
     return int(rho)
 
 
-class _Evaluator:
-    """Accuracy of a state on each task's test set (full or a fixed subsample)."""
+# ------------------------------------------------------------------------- evaluation
 
-    def __init__(self, fns: StepFns, scenario: Any, batch_size: int, subsample: int | None,
+
+def _eval_sets(fns: StepFns, scenario: Scenario, batch_size: int, subsample: int | None,
+               seed: int) -> list[tuple[Batch, np.ndarray, int]]:
+    sets = []
+    for task in scenario.tasks:
+        keep = feed.subsample(num_examples(task.y_test), subsample, seed=seed + task.id)
+        x, y = (jax.tree.map(lambda a, k=keep: a[k], part) for part in (task.x_test, task.y_test))
+        batches, valid = feed.padded_eval_batches(
+            x, y, np.full(len(keep), task.id, np.int32), batch_size)
+        sets.append((batches, valid, len(keep)))
+    return sets
+
+
+class _Evaluator:
+    """Every metric of the objective on each task's test set (full or a fixed subsample)."""
+
+    def __init__(self, fns: StepFns, scenario: Scenario, batch_size: int, subsample: int | None,
                  seed: int):
         self._fns = fns
-        self._sets = []
-        for task in scenario.tasks:
-            keep = feed.subsample(len(task.y_test), subsample, seed=seed + task.id)
-            tids = np.full(len(keep), task.id, np.int32)
-            batches, valid = feed.padded_eval_batches(
-                task.x_test[keep], task.y_test[keep], tids, batch_size
-            )
-            self._sets.append((fns.replicate(batches), fns.replicate(valid), len(keep)))
+        self._sets = [(fns.replicate(b), fns.replicate(v), n)
+                      for b, v, n in _eval_sets(fns, scenario, batch_size, subsample, seed)]
 
-    def accuracies(self, state: TrainState, tasks: range) -> list[float]:
-        """Dispatches every task's evaluation, then reads all counts in one transfer."""
-        counts = [self._fns.evaluate(state.params, state.model_state, state.memory,
-                                      *self._sets[j][:2])
-                  for j in tasks]
-        return [int(c) / self._sets[j][2] for c, j in zip(jax.device_get(counts), tasks)]
+    def evaluate(self, state: TrainState, tasks: range) -> dict[str, list[float]]:
+        """Dispatches every task's evaluation, then reads all sums in one transfer."""
+        sums = [self._fns.evaluate(state.params, state.model_state, state.memory,
+                                   *self._sets[j][:2]) for j in tasks]
+        values = [self._fns.objective.finalize(s) for s in jax.device_get(sums)]
+        return {m.name: [v[m.name] for v in values] for m in self._fns.objective.metrics}
 
 
 class _ContinualEvaluator:
@@ -277,37 +330,124 @@ class _ContinualEvaluator:
     Each task's subsample (``subsample`` examples drawn once per task and seed) is padded to
     the same number of batches and the sets are stacked on the devices, so evaluating any set
     of tasks is one dispatch of `StepFns.evaluate_tasks` (the task count is traced: one
-    compilation per run) and one host transfer of the counts.
+    compilation per run) and one host transfer of the sums.
     """
 
-    def __init__(self, fns: StepFns, scenario: Any, batch_size: int, subsample: int | None,
+    def __init__(self, fns: StepFns, scenario: Scenario, batch_size: int, subsample: int | None,
                  seed: int):
         self._fns = fns
-        sets, sizes = [], []
-        for task in scenario.tasks:
-            keep = feed.subsample(len(task.y_test), subsample, seed=seed + task.id)
-            tids = np.full(len(keep), task.id, np.int32)
-            sets.append(feed.padded_eval_batches(task.x_test[keep], task.y_test[keep], tids,
-                                                 batch_size))
-            sizes.append(len(keep))
-        num_batches = max(len(valid) for _, valid in sets)
+        sets = _eval_sets(fns, scenario, batch_size, subsample, seed)
+        num_batches = max(len(valid) for _, valid, _ in sets)
 
         def stack(*arrays):
             return np.stack([np.concatenate([a, np.zeros((num_batches - len(a), *a.shape[1:]),
                                                           a.dtype)]) for a in arrays])
 
-        self._data = fns.replicate(jax.tree.map(stack, *[batches for batches, _ in sets]))
-        self._valid = fns.replicate(stack(*[valid for _, valid in sets]))
-        self._sizes = np.asarray(sizes)
+        self._data = fns.replicate(jax.tree.map(stack, *[batches for batches, _, _ in sets]))
+        self._valid = fns.replicate(stack(*[valid for _, valid, _ in sets]))
+        self._num_sets = len(sets)
 
-    def accuracies(self, state: TrainState, tasks: range) -> list[float]:
+    def evaluate(self, state: TrainState, tasks: range, metric: str) -> list[float]:
         tasks = np.asarray(list(tasks), np.int32)
-        index = np.zeros(len(self._sizes), np.int32)
+        index = np.zeros(self._num_sets, np.int32)
         index[: len(tasks)] = tasks
-        counts = self._fns.evaluate_tasks(state.params, state.model_state, state.memory,
-                                          self._data, self._valid, index, np.int32(len(tasks)))
-        counts = jax.device_get(counts)
-        return [int(counts[n]) / int(self._sizes[j]) for n, j in enumerate(tasks)]
+        sums = self._fns.evaluate_tasks(state.params, state.model_state, state.memory,
+                                        self._data, self._valid, index, np.int32(len(tasks)))
+        sums = jax.device_get(sums)
+        finalize = self._fns.objective.finalize
+        return [finalize({k: v[n] for k, v in sums.items()})[metric] for n in range(len(tasks))]
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `_build` makes once per run; the parts below read it."""
+
+    config: ml_collections.ConfigDict
+    scenario: Scenario
+    method: Method
+    objective: Objective
+    model: ModelFns
+    steps: StepFns
+    full_eval: _Evaluator
+    sub_eval: _ContinualEvaluator | None
+    ckpt: Checkpointer | None
+    online: bool
+    epochs: int
+    rho: int
+
+    @property
+    def metric(self) -> str:
+        return primary_metric(self.objective).name
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Scenario | None,
+           model: nnx.Module | None, method: Method | None, objective: Objective | None
+           ) -> tuple[_Run, TrainState]:
+    config_lib.validate_config(config)
+    scenario = scenario if scenario is not None else config_lib.build_scenario(config)
+    model = model if model is not None else config_lib.build_model(config, scenario)
+    method = method if method is not None else config_lib.build_method(config)
+    objective = (objective if objective is not None
+                 else config_lib.build_objective(config, scenario))
+    fns_model, params, model_state = ModelFns.split(model)
+    _check_model_fits(fns_model, scenario, objective)
+    online = _check_online(scenario, method, config.train)
+    if workdir is not None:
+        _check_workdir_config(workdir, config)
+    tc = config.train
+    rho = _eval_period(tc)
+    mesh = data_mesh(tc.num_devices or None)
+    n_dev = mesh.devices.size
+    for key in ("batch_size", "eval_batch_size"):
+        if tc[key] % n_dev:
+            raise ValueError(
+                f"config.train.{key}={tc[key]} must be divisible by the {n_dev} devices the "
+                "batch is sharded over (set config.train.num_devices to use fewer)"
+            )
+    first = scenario.tasks[0]
+    example = example_spec(TrainArrays(first.x_train, first.y_train,
+                                       np.zeros(num_examples(first.y_train), np.int32)))
+    output = jax.eval_shape(
+        lambda p, s, x, t: fns_model.apply(p, s, x, t, train=False)[0], params, model_state,
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), example.x),
+        jax.ShapeDtypeStruct((1,), np.int32))
+    data = DataSpec(example, jax.ShapeDtypeStruct(output.shape[1:], output.dtype))
+    base_tx = config_lib.build_optimizer(config.optimizer)
+    steps = StepFns(fns_model, method, method.optimizer(base_tx), mesh, objective, data)
+    state = steps.init_state(params, model_state, config.seed)
+    ckpt = None
+    if workdir is not None:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                            max_to_keep=tc.checkpoints_to_keep)
+    run = _Run(
+        config=config, scenario=scenario, method=method, objective=objective,
+        model=fns_model, steps=steps,
+        full_eval=_Evaluator(steps, scenario, tc.eval_batch_size, None, config.seed),
+        sub_eval=(_ContinualEvaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample,
+                                      config.seed) if rho > 0 else None),
+        ckpt=ckpt, online=online, epochs=1 if online else tc.epochs_per_task, rho=rho,
+    )
+    return run, state
+
+
+def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
+    """The latest checkpoint's state and progress, or a fresh start."""
+    if run.ckpt is None or run.ckpt.latest() is None:
+        return state, Progress()
+    state, meta = run.ckpt.restore(state)
+    progress = Progress.from_json(meta)
+    log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)",
+             run.config.name, run.ckpt.latest(), os.path.dirname(run.ckpt.directory),
+             progress.task, progress.epoch, progress.step_in_epoch)
+    return run.steps.place_state(state), progress
+
+
+def _save(run: _Run, state: TrainState, progress: Progress) -> None:
+    if run.ckpt is not None:
+        run.ckpt.save(state, dataclasses.asdict(progress))
 
 
 def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]) -> list[int]:
@@ -321,8 +461,8 @@ def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]
     return sorted(e for e in ends if e > start)
 
 
-def _train_chunk(steps: StepFns, state: TrainState, data: Batch, train, idx: np.ndarray,
-                 task_index: int, *, device_resident: bool,
+def _train_chunk(steps: StepFns, state: TrainState, data: Batch, train: TrainArrays,
+                 idx: np.ndarray, task_index: int, *, device_resident: bool,
                  capacity: int) -> tuple[TrainState, np.ndarray]:
     """Runs the steps of `idx` on either data path; returns the state and per-step losses."""
     if device_resident:
@@ -350,21 +490,146 @@ def _check_finite(losses: np.ndarray, state: TrainState, name: str, task: int, e
     )
 
 
+def _boundary_context(run: _Run, t: int, train: TrainArrays) -> BoundaryContext:
+    return BoundaryContext(task_index=t, tasks=run.scenario.tasks, train=train, model=run.model,
+                           objective=run.objective,
+                           rng=jax.random.fold_in(jax.random.key(run.config.seed), t))
+
+
+def _run_hook(run: _Run, hook: str, state: TrainState, ctx: BoundaryContext) -> TrainState:
+    fn = getattr(run.method, hook)
+    new = _checked_hook_state(fn(state, ctx), state, hook, run.method)
+    return run.steps.place_state(new)
+
+
+def _train_epoch(run: _Run, state: TrainState, progress: Progress, t: int, epoch: int,
+                 train: TrainArrays, data: Batch, capacity: int) -> tuple[TrainState, float]:
+    """One epoch of task `t` from ``progress.step_in_epoch`` on; returns the last loss."""
+    tc = run.config.train
+    idx = feed.epoch_index_batches(num_examples(train.y), tc.batch_size, seed=run.config.seed,
+                                   task_index=t, epoch=epoch)
+    start = progress.step_in_epoch
+    last_loss = float("nan")
+    for end in _chunk_ends(start, len(idx), int(state.step),
+                           (tc.eval_every_steps, tc.checkpoint_every_steps)):
+        chunk_start = time.perf_counter()
+        state, losses = _train_chunk(run.steps, state, data, train, idx[start:end],
+                                     0 if run.online else t,
+                                     device_resident=tc.device_resident, capacity=capacity)
+        progress.train_time_s += time.perf_counter() - chunk_start
+        _check_finite(losses, state, run.config.name, t, epoch, run.ckpt)
+        last_loss = float(losses[-1])
+        epoch_done = end == len(idx)
+        start = end
+        progress.epoch = epoch + 1 if epoch_done else epoch
+        progress.step_in_epoch = 0 if epoch_done else end
+        step_now = int(state.step)
+        if run.sub_eval is not None and step_now % run.rho == 0:
+            eval_start = time.perf_counter()
+            values = run.sub_eval.evaluate(state, range(t + 1), run.metric)  # every seen task
+            progress.eval_time_s += time.perf_counter() - eval_start
+            progress.curves += [
+                {"step": step_now, "train_task": t, "eval_task": j, "metric": run.metric,
+                 "value": v} for j, v in enumerate(values)
+            ]
+        task_ends_here = epoch_done and epoch + 1 == run.epochs
+        every = tc.checkpoint_every_steps
+        if every > 0 and step_now % every == 0 and not task_ends_here:
+            _save(run, state, progress)
+    return state, last_loss
+
+
+def _train_task(run: _Run, state: TrainState, progress: Progress, t: int
+                ) -> tuple[TrainState, float]:
+    """Task `t`: ``before_task``, its epochs, ``consolidate``; returns the last loss."""
+    tc = run.config.train
+    train = run.method.training_data(run.scenario.tasks, t)
+    if run.online:  # the method sees no task ids (and task index 0)
+        train = train._replace(task_ids=np.zeros_like(train.task_ids))
+    ctx = _boundary_context(run, t, train)
+    if progress.epoch == 0 and progress.step_in_epoch == 0:  # not resuming mid-task
+        progress.task_boundaries.append(int(state.step))
+        progress.task_start_train_time_s = progress.train_time_s
+        progress.task_start_eval_time_s = progress.eval_time_s
+        if tc.reset_optimizer_per_task and t > 0:
+            state = run.steps.place_state(
+                state._replace(opt_state=run.steps.tx.init(state.params)))
+        if run.method.before_task is not None:
+            state = _run_hook(run, "before_task", state, ctx)
+    data = Batch(x=train.x, y=train.y, task_ids=train.task_ids)
+    if tc.device_resident:
+        data = run.steps.replicate(pad_to_bucket(data))
+    periods = [p for p in (tc.eval_every_steps, tc.checkpoint_every_steps) if p > 0]
+    capacity = next_power_of_two(min([num_examples(train.y) // tc.batch_size, *periods]))
+    last_loss = float("nan")
+    for epoch in range(progress.epoch, run.epochs):
+        state, last_loss = _train_epoch(run, state, progress, t, epoch, train, data, capacity)
+    if run.method.consolidate is not None:
+        consolidate_start = time.perf_counter()
+        state = _run_hook(run, "consolidate", state, ctx)
+        progress.train_time_s += time.perf_counter() - consolidate_start
+    progress.task_train_time_s.append(progress.train_time_s - progress.task_start_train_time_s)
+    progress.task_eval_time_s.append(progress.eval_time_s - progress.task_start_eval_time_s)
+    return state, last_loss
+
+
+def _finish(run: _Run, state: TrainState, progress: Progress, workdir: str | None,
+            keep_state: bool) -> RunResult:
+    spec = primary_metric(run.objective)
+    matrices = {m.name: progress.matrix(m.name) for m in run.objective.metrics}
+    baselines = {k: np.asarray(v, np.float64) for k, v in progress.baseline.items()}
+    R, b = matrices[spec.name], baselines[spec.name]
+    summary = clax_metrics.run_summary(R, b, progress.curves,
+                                       higher_is_better=spec.higher_is_better)
+    eval_overhead = (progress.eval_time_s / progress.train_time_s
+                     if run.rho and progress.train_time_s > 0 else None)
+    num_evaluations = len({c["step"] for c in progress.curves})
+    if run.rho:
+        log.info("%s: continual evaluation every %d steps: %d evaluations in %.1fs (%.0f%% of "
+                 "the %.1fs training time)", run.config.name, run.rho, num_evaluations,
+                 progress.eval_time_s, 100 * (eval_overhead or 0.0), progress.train_time_s)
+    if workdir is not None:
+        tc = run.config.train
+        summary = clax_metrics.write_run_results(
+            workdir, name=run.config.name, R=R, b=b, curves=progress.curves,
+            metric=spec.name, higher_is_better=spec.higher_is_better,
+            extra={"train_time_s": progress.train_time_s, "method": run.method.name,
+                   "scenario": run.scenario.name, "eval_every_steps": run.rho,
+                   "eval_subsample": tc.eval_subsample if run.rho else None,
+                   "num_evaluations": num_evaluations,
+                   "eval_time_s": progress.eval_time_s, "eval_overhead": eval_overhead,
+                   "total_steps": int(state.step),
+                   "matrices": {k: v.tolist() for k, v in matrices.items()}},
+            task_boundaries=progress.task_boundaries[1:],
+        )
+        run.ckpt.close()
+    return RunResult(
+        name=run.config.name, metric=spec.name, higher_is_better=spec.higher_is_better,
+        matrices=matrices, baselines=baselines, summary=summary, curves=progress.curves,
+        train_time_s=progress.train_time_s, task_train_time_s=progress.task_train_time_s,
+        eval_time_s=progress.eval_time_s, task_eval_time_s=progress.task_eval_time_s,
+        task_boundaries=list(progress.task_boundaries),
+        state=state if keep_state else None, model=run.model if keep_state else None,
+    )
+
+
 def train_continual(
     config: ml_collections.ConfigDict,
     workdir: str | None = None,
     *,
-    scenario: Any = None,
-    model: Any = None,
+    scenario: Scenario | None = None,
+    model: nnx.Module | None = None,
     method: Method | None = None,
+    objective: Objective | None = None,
     keep_state: bool = False,
 ) -> RunResult:
     """Trains on every task of the scenario in order; evaluates all tasks after each.
 
     With ``config.train.eval_every_steps = ρ > 0`` it also evaluates every seen task every ρ
     steps on a fixed subsample of its test set (continual evaluation, one jitted call per
-    evaluation): the curves, their stability-gap metrics in the summary (see
-    `clax.metrics.stability`) and the time spent evaluating (`RunResult.eval_time_s`).
+    evaluation): the curves of the primary metric, their stability-gap metrics in the
+    summary (see `clax.metrics.stability`) and the time spent evaluating
+    (`RunResult.eval_time_s`).
 
     Args:
       config: a run config (see `clax.training.config.default_config`).
@@ -373,191 +638,38 @@ def train_continual(
       scenario: a prebuilt `clax.data.Scenario` (default: built from the config).
       model: a prebuilt NNX model (default: built from the config).
       method: a prebuilt `Method` (default: ``config.method``).
+      objective: a prebuilt `clax.core.Objective` (default: ``config.objective``).
       keep_state: return the final `TrainState` and `ModelFns` in the result.
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
       ValueError: inconsistent config, data and model (before anything is compiled), or
-        a method that needs task boundaries on an online stream (``scenario.online``:
-        one epoch per task, no task index or boundary hooks for the method; see
-        `_online_mode`).
+        a method that needs task boundaries on an online stream (``scenario.online``).
     """
-    config_lib.validate_config(config)
-    scenario = scenario if scenario is not None else config_lib.build_scenario(config)
-    model = model if model is not None else config_lib.build_model(config, scenario)
-    method = method if method is not None else config_lib.build_method(config)
-    _check_model_fits(model, scenario)
-    online = _online_mode(scenario, method, config.train)
-    epochs = 1 if online else config.train.epochs_per_task
-    if workdir is not None:
-        _check_workdir_config(workdir, config)
-    tc = config.train
-    rho = _eval_period(tc)
-    mesh = data_mesh(tc.num_devices or None)
-    n_dev = mesh.devices.size
-    for key in ("batch_size", "eval_batch_size"):
-        if tc[key] % n_dev:
-            raise ValueError(
-                f"config.train.{key}={tc[key]} must be divisible by the {n_dev} devices the "
-                "batch is sharded over (set config.train.num_devices to use fewer)"
-            )
-
-    fns_model, params, model_state = ModelFns.split(model)
-    base_tx = config_lib.build_optimizer(config.optimizer)
-    steps = StepFns(fns_model, method, method.optimizer(base_tx), mesh, _logit_masks(scenario))
-    state = steps.init_state(params, model_state, config.seed)
-    full_eval = _Evaluator(steps, scenario, tc.eval_batch_size, None, config.seed)
-    sub_eval = (
-        _ContinualEvaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample, config.seed)
-        if rho > 0
-        else None
-    )
-
-    T = scenario.num_tasks
-    meta: dict[str, Any] = {
-        "task": 0, "epoch": 0, "step_in_epoch": 0, "rows": [], "baseline": None,
-        "curves": [], "train_time_s": 0.0, "task_train_time_s": [], "done": False,
-        "eval_time_s": 0.0, "task_eval_time_s": [], "task_boundaries": [],
-    }
-    ckpt = None
-    if workdir is not None:
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                            max_to_keep=tc.checkpoints_to_keep)
-        if ckpt.latest() is not None:
-            state, meta = ckpt.restore(state)
-            meta.setdefault("eval_time_s", 0.0)
-            meta.setdefault("task_eval_time_s", [])
-            meta.setdefault("task_boundaries", [])
-            state = steps.place_state(state)
-            log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)",
-                     config.name, ckpt.latest(), workdir, meta["task"], meta["epoch"],
-                     meta["step_in_epoch"])
-    if meta["baseline"] is None:
-        meta["baseline"] = full_eval.accuracies(state, range(T))
-
-    first_task = meta["task"]
-    task_time0 = meta["train_time_s"]  # train time before this task (resumes mid-task too)
-    if meta["epoch"] or meta["step_in_epoch"]:
-        task_time0 -= meta.get("partial_task_time_s", 0.0)
+    run, state = _build(config, workdir, scenario, model, method, objective)
+    state, progress = _resume(run, state)
+    T = run.scenario.num_tasks
+    if progress.baseline is None:
+        progress.baseline = run.full_eval.evaluate(state, range(T))
+    first_task = progress.task
     run_start = time.perf_counter()
     for t in range(first_task, T):
         task_start = time.perf_counter()
         task_step0 = int(state.step)
-        train = method.training_data(scenario.tasks, t)
-        if online:  # the method sees no task ids (and task index 0, below)
-            train = train._replace(task_ids=np.zeros_like(train.task_ids))
-        ctx = BoundaryContext(task_index=t, tasks=scenario.tasks, train=train, model=fns_model,
-                              steps=steps, config=config,
-                              rng=jax.random.fold_in(jax.random.key(config.seed), t))
-        if meta["epoch"] == 0 and meta["step_in_epoch"] == 0:  # not resuming mid-task
-            meta["task_boundaries"].append(task_step0)
-            meta["eval_time_at_task_start"] = meta["eval_time_s"]
-            if tc.reset_optimizer_per_task and t > 0:
-                state = steps.place_state(state._replace(opt_state=steps.tx.init(state.params)))
-            if method.before_task is not None and (not online or t == 0):
-                hook_ctx = _stream_context(ctx, scenario) if online else ctx
-                state = steps.place_state(_checked_hook_state(
-                    method.before_task(state, hook_ctx), state, "before_task", method))
-        data = Batch(x=train.x, y=train.y, task_ids=train.task_ids)
-        if tc.device_resident:
-            data = steps.replicate(pad_to_bucket(data))
-        periods = [p for p in (tc.eval_every_steps, tc.checkpoint_every_steps) if p > 0]
-        steps_per_epoch = len(train.y) // tc.batch_size
-        capacity = next_power_of_two(min([steps_per_epoch, *periods]))
-        last_loss = float("nan")
-        for epoch in range(meta["epoch"], epochs):
-            idx = feed.epoch_index_batches(len(train.y), tc.batch_size, seed=config.seed,
-                                           task_index=t, epoch=epoch)
-            start = meta["step_in_epoch"]
-            ends = _chunk_ends(start, len(idx), int(state.step),
-                               (tc.eval_every_steps, tc.checkpoint_every_steps))
-            for end in ends:
-                chunk_start = time.perf_counter()
-                state, losses = _train_chunk(steps, state, data, train, idx[start:end],
-                                             0 if online else t,
-                                             device_resident=tc.device_resident,
-                                             capacity=capacity)
-                meta["train_time_s"] += time.perf_counter() - chunk_start
-                _check_finite(losses, state, config.name, t, epoch, ckpt)
-                last_loss = float(losses[-1])
-                epoch_done = end == len(idx)
-                start = end
-                meta["epoch"] = epoch + 1 if epoch_done else epoch
-                meta["step_in_epoch"] = 0 if epoch_done else end
-                step_now = int(state.step)
-                if sub_eval is not None and step_now % rho == 0:
-                    eval_start = time.perf_counter()
-                    accs = sub_eval.accuracies(state, range(t + 1))  # every seen task
-                    meta["eval_time_s"] += time.perf_counter() - eval_start
-                    meta["curves"] += [
-                        {"step": step_now, "train_task": t, "eval_task": j, "accuracy": acc}
-                        for j, acc in enumerate(accs)
-                    ]
-                task_ends_here = epoch_done and epoch + 1 == epochs
-                every = tc.checkpoint_every_steps
-                if ckpt is not None and every > 0 and step_now % every == 0 and not task_ends_here:
-                    meta["partial_task_time_s"] = meta["train_time_s"] - task_time0
-                    ckpt.save(state, meta)
-        if method.consolidate is not None and (not online or t == T - 1):
-            consolidate_start = time.perf_counter()
-            hook_ctx = _stream_context(ctx, scenario) if online else ctx
-            state = steps.place_state(_checked_hook_state(
-                method.consolidate(state, hook_ctx), state, "consolidate", method))
-            meta["train_time_s"] += time.perf_counter() - consolidate_start
-        task_steps = int(state.step) - task_step0
-        meta["task_train_time_s"].append(meta["train_time_s"] - task_time0)
-        meta["task_eval_time_s"].append(
-            meta["eval_time_s"] - meta.get("eval_time_at_task_start", meta["eval_time_s"]))
-        task_time0 = meta["train_time_s"]
-        row = full_eval.accuracies(state, range(T))
-        meta["rows"].append(row)
-        meta.update(task=t + 1, epoch=0, step_in_epoch=0, done=t + 1 == T)
-        if ckpt is not None:
-            ckpt.save(state, meta)
+        state, last_loss = _train_task(run, state, progress, t)
+        row = run.full_eval.evaluate(state, range(T))
+        progress.rows.append(row)
+        progress.task, progress.epoch, progress.step_in_epoch = t + 1, 0, 0
+        progress.done = t + 1 == T
+        _save(run, state, progress)
         dt = time.perf_counter() - task_start
         elapsed = time.perf_counter() - run_start
-        eta = elapsed / (t + 1 - first_task) * (T - t - 1)
+        task_steps = int(state.step) - task_step0
         log.info(
-            "%s: task %d/%d  %d steps in %.1fs (%.0f steps/s)  loss %.3f  acc(seen) %.1f%%"
+            "%s: task %d/%d  %d steps in %.1fs (%.0f steps/s)  loss %.3f  %s(seen) %.4g"
             "  elapsed %.1fs  ETA %.0fs",
-            config.name, t + 1, T, task_steps, dt, task_steps / max(dt, 1e-9), last_loss,
-            100 * float(np.mean(row[: t + 1])), elapsed, eta,
+            run.config.name, t + 1, T, task_steps, dt, task_steps / max(dt, 1e-9), last_loss,
+            run.metric, float(np.mean(row[run.metric][: t + 1])), elapsed,
+            elapsed / (t + 1 - first_task) * (T - t - 1),
         )
-
-    R = np.asarray(meta["rows"], dtype=np.float64)
-    b = np.asarray(meta["baseline"], dtype=np.float64)
-    summary = clax_metrics.run_summary(R, b, meta["curves"])  # + stability-gap metrics
-    eval_overhead = (meta["eval_time_s"] / meta["train_time_s"]
-                     if rho and meta["train_time_s"] > 0 else None)
-    if rho:
-        log.info("%s: continual evaluation every %d steps: %d evaluations in %.1fs (%.0f%% of "
-                 "the %.1fs training time)", config.name, rho,
-                 len({c["step"] for c in meta["curves"]}), meta["eval_time_s"],
-                 100 * (eval_overhead or 0.0), meta["train_time_s"])
-    if workdir is not None:
-        summary = clax_metrics.write_run_results(
-            workdir, name=config.name, R=R, b=b, curves=meta["curves"],
-            extra={"train_time_s": meta["train_time_s"], "method": method.name,
-                   "scenario": scenario.name, "eval_every_steps": rho,
-                   "eval_subsample": tc.eval_subsample if rho else None,
-                   "num_evaluations": len({c["step"] for c in meta["curves"]}),
-                   "eval_time_s": meta["eval_time_s"], "eval_overhead": eval_overhead,
-                   "total_steps": int(state.step)},
-            task_boundaries=meta["task_boundaries"][1:],
-        )
-        ckpt.close()
-    return RunResult(
-        name=config.name,
-        accuracy_matrix=R,
-        baseline=b,
-        summary=summary,
-        curves=meta["curves"],
-        train_time_s=meta["train_time_s"],
-        task_train_time_s=meta["task_train_time_s"],
-        eval_time_s=meta["eval_time_s"],
-        task_eval_time_s=meta["task_eval_time_s"],
-        task_boundaries=list(meta["task_boundaries"]),
-        state=state if keep_state else None,
-        model=fns_model if keep_state else None,
-    )
-
+    return _finish(run, state, progress, workdir, keep_state)

@@ -1,30 +1,39 @@
-"""Jitted training and evaluation steps.
+"""Jitted training and evaluation steps of the continual loop.
 
-`StepFns.train_chunk` runs many steps as one `lax.scan` over index batches into
+`StepFns.train_chunk` runs many steps as one `lax.fori_loop` over index batches into
 device-resident arrays: no host work between steps. `StepFns.train_step` is the same
 step for host-fed batches. Both donate the incoming `TrainState`, and both produce the same
-numbers for the same batches, which the tests check.
+numbers for the same batches, which the tests check. The loss and the evaluation metrics
+come from the run's `Objective`; nothing here assumes images or class labels.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from clax.training.method import Batch, DataSpec, Method, StepContext, TrainState
-from clax.training.model_fns import ModelFns
-
-PyTree = Any
-
-# Logits outside a task's classes are pushed to this value (finite, so no inf - inf NaN).
-_MASKED_LOGIT = -1e9
+from clax.core import (
+    Batch,
+    Classification,
+    DataSpec,
+    Method,
+    ModelFns,
+    Objective,
+    Replay,
+    StepContext,
+    StepOutputs,
+    TrainState,
+    num_examples,
+)
+from clax.typing import PyTree
 
 
 def next_power_of_two(n: int) -> int:
@@ -38,7 +47,7 @@ def pad_to_bucket(arrays: Batch) -> Batch:
     Buckets are multiples of 2^(bits(N) - 3): at most 12.5%-25% padding. Padded rows are
     never indexed by the training loop.
     """
-    n = len(arrays.y)
+    n = num_examples(arrays)
     step = 1 << max(0, n.bit_length() - 3)
     size = -(-n // step) * step
     return jax.tree.map(
@@ -50,25 +59,6 @@ class StepMetrics(NamedTuple):
     """Per-step scalars returned by the training step."""
 
     loss: jax.Array  # total loss (task loss + method terms)
-    accuracy: jax.Array  # training-batch accuracy before the update
-
-
-def masked_cross_entropy(
-    logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
-) -> jax.Array:
-    """Mean softmax cross-entropy; `mask` (B, C) bool keeps only each example's classes."""
-    if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED_LOGIT)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def correct_predictions(
-    logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
-) -> jax.Array:
-    """Boolean (B,) vector of correct argmax predictions (masked like the loss)."""
-    if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED_LOGIT)
-    return jnp.argmax(logits, axis=-1) == labels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,23 +70,29 @@ class StepFns:
       method: the continual-learning method.
       tx: the full optimizer (``method.optimizer(base)``).
       mesh: a 1-D mesh with axis ``"data"``; batches are sharded over it, state replicated.
-      logit_masks: optional (num_tasks, num_classes) bool table; example b only sees the
-        classes of its task ``task_ids[b]`` (task-incremental learning). None: all classes.
+      objective: the task loss and evaluation metrics (default: `Classification`).
+      data: the shapes of one example and of the model's output for it (`DataSpec`), for
+        memory that stores examples (default: an image classifier's, from the model's
+        ``input_shape`` and ``num_classes``).
     """
 
     model: ModelFns
     method: Method
     tx: optax.GradientTransformationExtraArgs
     mesh: jax.sharding.Mesh
-    logit_masks: np.ndarray | None = None
+    objective: Objective = dataclasses.field(default_factory=Classification)
+    data: DataSpec | None = None
 
     def __post_init__(self):
+        if self.data is None:
+            if self.model.input_shape is None or self.model.num_classes is None:
+                raise ValueError("StepFns needs data=DataSpec(...) for a model without "
+                                 "input_shape and num_classes attributes")
+            object.__setattr__(self, "data", DataSpec.for_classifier(
+                self.model.input_shape, self.model.num_classes))
         replicated = NamedSharding(self.mesh, P())
-        batch_sharding = Batch(*(NamedSharding(self.mesh, P("data")),) * 3)
         object.__setattr__(self, "_replicated", replicated)
-        object.__setattr__(self, "_batch_sharding", batch_sharding)
-        masks = None if self.logit_masks is None else jnp.asarray(self.logit_masks, bool)
-        object.__setattr__(self, "_masks", masks)
+        object.__setattr__(self, "_sharded", NamedSharding(self.mesh, P("data")))
         object.__setattr__(
             self, "train_chunk", jax.jit(self._train_chunk, donate_argnums=(0,))
         )
@@ -116,8 +112,10 @@ class StepFns:
         or with another leaf (e.g. memory holding ``params``). ``device_put`` does not
         guarantee that when replicating (the shard already on the device may be reused),
         so this copies inside a jitted function, whose outputs are always new buffers.
+        Leaves on one device (a boundary hook's host or single-device results) are moved
+        onto the mesh first.
         """
-        return self._copy_state(state)
+        return self._copy_state(jax.device_put(state, self._replicated))
 
     @functools.cached_property
     def _copy_state(self):
@@ -125,59 +123,49 @@ class StepFns:
 
     def shard_batch(self, batch: Batch) -> Batch:
         """Places a host batch on the mesh, split along the batch axis."""
-        return jax.device_put(batch, self._batch_sharding)
+        return jax.device_put(batch, self._sharded)
 
-    def _mask_for(self, task_ids: jax.Array) -> jax.Array | None:
-        return None if self._masks is None else self._masks[task_ids]
+    def _constrain(self, batch: Batch) -> Batch:
+        return jax.lax.with_sharding_constraint(batch, self._sharded)
 
     # ------------------------------------------------------------------ training
-    @property
-    def data_spec(self) -> DataSpec:
-        """The shapes memory that stores examples needs (`Method.init_memory`'s ``data``)."""
-        return DataSpec(tuple(self.model.input_shape), int(self.model.num_classes))
-
     def init_state(self, params: PyTree, model_state: PyTree, seed: int) -> TrainState:
         """Fresh `TrainState` (optimizer and method memory initialised), replicated."""
         state = TrainState(
             params=params,
             model_state=model_state,
             opt_state=self.tx.init(params),
-            memory=self.method.initial_memory(params, self.data_spec),
+            memory=self.method.initial_memory(params, self.data),
             rng=jax.random.key(seed),
             step=jnp.zeros((), jnp.int32),
         )
         return self.place_state(state)
 
-    def _loss(self, params, model_state, batch: Batch):
-        logits, new_model_state = self.model.apply(
-            params, model_state, batch.x, batch.task_ids, train=True
-        )
-        mask = self._mask_for(batch.task_ids)
-        return masked_cross_entropy(logits, batch.y, mask), (logits, new_model_state)
+    def _forward(self, params, model_state, batch: Batch):
+        return self.model.apply(params, model_state, batch.x, batch.task_ids, train=True)
 
-    def _mixed_loss(self, params, model_state, batch: Batch, extra: Batch,
-                    extra_weights: jax.Array):
-        """Weighted mean loss over ``[batch; extra]`` in one pass (``Method.extra_batch``);
-        returns the current batch's logits."""
-        b = batch.y.shape[0]
-        if extra.x.shape[1:] != batch.x.shape[1:] or extra_weights.shape != extra.y.shape:
+    def _replay_loss(self, params, model_state, batch: Batch, replay: Replay):
+        """The objective's weighted loss over ``[batch; replayed]`` in one pass
+        (``Method.replay``); returns the current batch's outputs."""
+        b = num_examples(batch)
+        examples, weights = replay
+        shapes = [np.shape(a)[1:] for a in jax.tree.leaves(batch)]
+        if ([np.shape(a)[1:] for a in jax.tree.leaves(examples)] != shapes
+                or np.shape(weights) != (num_examples(examples),)):
             raise ValueError(
-                f"method {self.method.name!r}: extra_batch must return examples shaped like "
-                f"the batch's {batch.x.shape[1:]} and one weight per example; got inputs "
-                f"{extra.x.shape} and weights {extra_weights.shape}")
-        full = Batch(*(jnp.concatenate([a, e.astype(a.dtype)]) for a, e in zip(batch, extra)))
-        logits, new_model_state = self.model.apply(
-            params, model_state, full.x, full.task_ids, train=True)
-        mask = self._mask_for(full.task_ids)
-        masked = logits if mask is None else jnp.where(mask, logits, _MASKED_LOGIT)
-        ce = optax.softmax_cross_entropy_with_integer_labels(masked, full.y)
-        w = jnp.concatenate([jnp.ones((b,), jnp.float32),
-                             extra_weights.astype(jnp.float32)])
-        loss = jnp.sum(w * ce) / jnp.sum(w)
-        return loss, (logits[:b], new_model_state)
+                f"method {self.method.name!r}: replay must return examples shaped like the "
+                f"batch's {shapes} and one weight per example; got "
+                f"{[np.shape(a) for a in jax.tree.leaves(examples)]} and weights "
+                f"{np.shape(weights)}")
+        full = jax.tree.map(lambda a, e: jnp.concatenate([a, e.astype(a.dtype)]),
+                            batch, examples)
+        outputs, new_model_state = self._forward(params, model_state, full)
+        w = jnp.concatenate([jnp.ones((b,), jnp.float32), weights.astype(jnp.float32)])
+        loss = self.objective.loss(outputs, full, w)
+        return loss, (outputs[:b], new_model_state)
 
     def _step(self, state: TrainState, batch: Batch, task_index: jax.Array):
-        batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
+        batch = self._constrain(batch)
         method = self.method
         key = jax.random.fold_in(state.rng, state.step)
         loop_key, method_key = jax.random.split(key)
@@ -187,7 +175,7 @@ class StepFns:
             return self.model.apply(params, state.model_state, x, task_ids, train=True)[0]
 
         def task_loss(params, other: Batch):
-            return self._loss(params, state.model_state, other)[0]
+            return self.objective.loss(self._forward(params, state.model_state, other)[0], other)
 
         ctx = StepContext(
             params=state.params,
@@ -199,19 +187,20 @@ class StepFns:
             apply=apply,
             loss=task_loss,
         )
-
-        extra = method.extra_batch(ctx) if method.extra_batch is not None else None
+        replay = method.replay(ctx) if method.replay is not None else None
 
         def total_loss(params):
-            if extra is None:
-                loss, aux = self._loss(params, state.model_state, batch)
+            if replay is None:
+                outputs, model_state = self._forward(params, state.model_state, batch)
+                loss = self.objective.loss(outputs, batch)
             else:
-                loss, aux = self._mixed_loss(params, state.model_state, batch, *extra)
+                loss, (outputs, model_state) = self._replay_loss(
+                    params, state.model_state, batch, replay)
             if method.loss_terms is not None:
                 loss = loss + method.loss_terms(params, ctx)
-            return loss, aux
+            return loss, (outputs, model_state)
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(total_loss, has_aux=True)(
+        (loss, (outputs, model_state)), grads = jax.value_and_grad(total_loss, has_aux=True)(
             state.params
         )
         extra = method.extra_args(ctx) if method.extra_args is not None else {}
@@ -219,8 +208,8 @@ class StepFns:
         params = optax.apply_updates(state.params, updates)
         memory = state.memory
         if method.update_memory is not None:
-            memory = method.update_memory(memory, ctx, logits, params)
-        correct = correct_predictions(logits, batch.y, self._mask_for(batch.task_ids))
+            memory = method.update_memory(memory, ctx, StepOutputs(outputs, grads, updates,
+                                                                   params))
         new_state = TrainState(
             params=params,
             model_state=model_state,
@@ -229,7 +218,7 @@ class StepFns:
             rng=state.rng,
             step=state.step + 1,
         )
-        return new_state, StepMetrics(loss=loss, accuracy=correct.mean())
+        return new_state, StepMetrics(loss=loss)
 
     def _train_step(self, state: TrainState, batch: Batch, task_index):
         return self._step(state, batch, jnp.asarray(task_index, jnp.int32))
@@ -248,14 +237,14 @@ class StepFns:
         capacity = index_batches.shape[0]
 
         def body(s, carry):
-            state, losses, accs = carry
+            state, losses = carry
             batch = jax.tree.map(lambda a: a[index_batches[s]], data)
             state, m = self._step(state, batch, task_index)
-            return state, losses.at[s].set(m.loss), accs.at[s].set(m.accuracy)
+            return state, losses.at[s].set(m.loss)
 
         zeros = jnp.zeros((capacity,), jnp.float32)
-        state, losses, accs = jax.lax.fori_loop(0, num_steps, body, (state, zeros, zeros))
-        return state, StepMetrics(loss=losses, accuracy=accs)
+        state, losses = jax.lax.fori_loop(0, num_steps, body, (state, zeros))
+        return state, StepMetrics(loss=losses)
 
     def run_chunk(
         self, state: TrainState, data: Batch, index_batches: np.ndarray, task_index: int,
@@ -278,15 +267,16 @@ class StepFns:
         return state, jax.tree.map(lambda a: a[:n], m)
 
     # ------------------------------------------------------------------ evaluation
-    def predict(self, params, model_state, memory, x: jax.Array, task_ids: jax.Array):
-        """Evaluation-mode logits: the model's head, or the method's `predict` hook."""
+    def predict(self, params, model_state, memory, x: PyTree, task_ids: jax.Array):
+        """Evaluation-mode outputs: the model's head, or the method's `predict` hook."""
         if self.method.predict is None:
             return self.model.apply(params, model_state, x, task_ids, train=False)[0]
         features = self.model.features(params, model_state, x)
         return self.method.predict(memory, features, task_ids)
 
-    def _evaluate(self, params, model_state, memory, data: Batch, valid: jax.Array) -> jax.Array:
-        """Number of correct predictions over padded eval batches.
+    def _evaluate(self, params, model_state, memory, data: Batch, valid: jax.Array
+                  ) -> dict[str, jax.Array]:
+        """The objective's evaluation sums over padded eval batches.
 
         Args:
           memory: the method's memory (read only by a `Method.predict` hook).
@@ -296,17 +286,16 @@ class StepFns:
 
         def body(_, inputs):
             batch, ok = inputs
-            batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
-            logits = self.predict(params, model_state, memory, batch.x, batch.task_ids)
-            correct = correct_predictions(logits, batch.y, self._mask_for(batch.task_ids))
-            return None, jnp.sum(correct & ok)
+            batch = self._constrain(batch)
+            outputs = self.predict(params, model_state, memory, batch.x, batch.task_ids)
+            return None, self.objective.eval_sums(outputs, batch, ok)
 
-        _, counts = jax.lax.scan(body, None, (data, valid))
-        return counts.sum()
+        _, sums = jax.lax.scan(body, None, (data, valid))
+        return jax.tree.map(lambda s: s.sum(0), sums)
 
     def _evaluate_tasks(self, params, model_state, memory, data: Batch, valid: jax.Array,
-                        tasks: jax.Array, num_tasks: jax.Array) -> jax.Array:
-        """Correct-prediction counts of several tasks' evaluation sets in one call.
+                        tasks: jax.Array, num_tasks: jax.Array) -> dict[str, jax.Array]:
+        """Evaluation sums of several tasks' evaluation sets in one call.
 
         The continual-evaluation step: every seen task in one dispatch, one host transfer.
 
@@ -319,13 +308,16 @@ class StepFns:
             (a loop of `num_tasks` iterations; unevaluated tasks cost nothing).
 
         Returns:
-          int32 (K,) counts, zero past `num_tasks`.
+          each statistic as a (K,) array, zero past `num_tasks`.
         """
+        first = jax.tree.map(lambda a: a[0], data)
+        template = jax.eval_shape(self._evaluate, params, model_state, memory, first, valid[0])
+        init = jax.tree.map(lambda s: jnp.zeros(tasks.shape, s.dtype), template)
 
-        def body(j, counts):
+        def body(j, acc):
             k = tasks[j]
             task_data = jax.tree.map(lambda a: a[k], data)
-            count = self._evaluate(params, model_state, memory, task_data, valid[k])
-            return counts.at[j].set(count.astype(jnp.int32))
+            sums = self._evaluate(params, model_state, memory, task_data, valid[k])
+            return jax.tree.map(lambda a, s: a.at[j].set(s), acc, sums)
 
-        return jax.lax.fori_loop(0, num_tasks, body, jnp.zeros(tasks.shape, jnp.int32))
+        return jax.lax.fori_loop(0, num_tasks, body, init)

@@ -9,13 +9,14 @@ gradient before the optimizer (momentum, weight decay) sees it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from clax._validation import check_same_shapes
+from clax.typing import PyTree
 
 
 class AGEMState(NamedTuple):
@@ -103,19 +104,7 @@ def agem() -> optax.GradientTransformationExtraArgs:
                 "memory sample, shaped like the gradients): tx.update(g, s, p, "
                 "reference_grads=g_ref)"
             )
-        if jax.tree.structure(reference_grads) != jax.tree.structure(updates):
-            raise ValueError(
-                "reference_grads must have the tree structure of the gradients; got "
-                f"{jax.tree.structure(reference_grads)} for gradients "
-                f"{jax.tree.structure(updates)}"
-            )
-        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(updates),
-                                jax.tree.leaves(reference_grads)):
-            if jnp.shape(g) != jnp.shape(r):
-                raise ValueError(
-                    f"reference_grads{jax.tree_util.keystr(path)} has shape {jnp.shape(r)}; "
-                    f"the gradient has shape {jnp.shape(g)}"
-                )
+        check_same_shapes("reference_grads", reference_grads, "the gradients", updates)
         projected, dot = agem_project(updates, reference_grads)
         return projected, AGEMState(
             num_projected=state.num_projected + (dot < 0).astype(jnp.int32),

@@ -9,13 +9,15 @@ reset). The update rule is in :func:`coso`; the task-boundary merge in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from clax._validation import check_positive_int, check_real
 from clax.params.paths import path_str
 from clax.subspace.basis import SubspaceBasis, check_threshold, empty_basis
 from clax.subspace.frequent_directions import (
@@ -24,7 +26,8 @@ from clax.subspace.frequent_directions import (
     update_sketch_from_svd,
 )
 
-PyTree = Any
+from clax.typing import PyTree
+
 MaskOrFn = PyTree | Callable[[PyTree], PyTree] | None
 
 __all__ = [
@@ -62,6 +65,7 @@ def coso_mask(params: PyTree, mask: MaskOrFn = None) -> PyTree:
         A tree of Python bools shaped like ``params``.
 
     Raises:
+        TypeError: If a mask leaf is not a bool (naming its path).
         ValueError: If a leaf marked True has fewer than 2 dimensions (naming its path), or
             the mask tree does not match ``params``.
     """
@@ -78,7 +82,8 @@ def coso_mask(params: PyTree, mask: MaskOrFn = None) -> PyTree:
         if not isinstance(flag, (bool, jnp.bool_)) and not (
             hasattr(flag, "dtype") and flag.shape == () and flag.dtype == bool
         ):
-            raise ValueError(f"coso mask at {path_str(path)!r} must be a bool, got {flag!r}")
+            raise TypeError(f"coso mask at {path_str(path)!r} must be a bool, got {flag!r} "
+                            f"({type(flag).__name__})")
         if bool(flag) and jnp.ndim(p) < 2:
             raise ValueError(
                 f"coso mask selects {path_str(path)!r} of shape {jnp.shape(p)}; CoSO needs a "
@@ -116,12 +121,6 @@ def coso_bases(params: PyTree, *, mask: MaskOrFn = None, capacity: int | None = 
         return empty_basis(n, n if capacity is None else min(capacity, n))
 
     return jax.tree.map(make, params, flags)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _per_leaf(treedef, tree: PyTree, what: str) -> list:
@@ -270,32 +269,26 @@ def coso(
         and ``None`` elsewhere (see :func:`coso_bases`).
 
     Raises:
-        ValueError: On bad hyperparameters; at update time on a missing ``bases`` or one
-            that does not fit its weight (naming the parameter path and shapes).
-        TypeError: At update time, if a CoSO weight's basis is not a ``SubspaceBasis``.
+        TypeError: On a hyperparameter of the wrong type (e.g. a float ``proj_rank``); at
+            update time, if a CoSO weight's basis is not a ``SubspaceBasis``.
+        ValueError: On hyperparameters out of range (or a non-finite ``scale``); at update
+            time on a missing ``bases`` or one that does not fit its weight (naming the
+            parameter path and shapes).
 
     References:
         Cheng et al., "Continuous Subspace Optimization for Continual Learning",
         NeurIPS 2025. Zhao et al., "GaLore", https://arxiv.org/abs/2403.03507. Liberty,
         "Simple and Deterministic Matrix Sketching", KDD 2013.
     """
-    proj_rank = _check_positive_int("proj_rank", proj_rank)
-    sketch_rank = _check_positive_int("sketch_rank", sketch_rank)
-    update_interval = _check_positive_int("update_interval", update_interval)
-    if isinstance(sketch_decay, bool) or not isinstance(sketch_decay, (int, float)) or not (
-        0 < sketch_decay <= 1
-    ):
-        raise ValueError(f"sketch_decay must be a number in (0, 1], got {sketch_decay!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, got {scale!r}")
-    if isinstance(rank_rtol, bool) or not isinstance(rank_rtol, (int, float)) or not (
-        0 <= rank_rtol < 1
-    ):
-        raise ValueError(f"rank_rtol must be a number in [0, 1), got {rank_rtol!r}")
-    rank_rtol = float(rank_rtol)
+    proj_rank = check_positive_int("proj_rank", proj_rank)
+    sketch_rank = check_positive_int("sketch_rank", sketch_rank)
+    update_interval = check_positive_int("update_interval", update_interval)
+    sketch_decay = check_real("sketch_decay", sketch_decay, 0.0, 1.0, low_open=True,
+                              high_open=False)
+    scale = check_real("scale", scale, -math.inf, math.inf, low_open=True, high_open=True)
+    rank_rtol = check_real("rank_rtol", rank_rtol, 0.0, 1.0, low_open=False, high_open=True)
     if inner is None:
         inner = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6)
-    sketch_decay, scale = float(sketch_decay), float(scale)
 
     def ranks(shape):
         m, n = _matrix_shape(shape)

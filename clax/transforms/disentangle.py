@@ -12,15 +12,16 @@ retain descent term: ``final = γ·(g_f − proj(g_f)) + α·g_r``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from clax._validation import check_choice, check_real
 from clax.params.paths import path_str
-
-PyTree = Any
+from clax.typing import PyTree
 
 __all__ = [
     "GeometricUnlearningState",
@@ -192,6 +193,7 @@ def geometric_disentanglement(
         ``retain_grads``.
 
     Raises:
+        TypeError: On a hyperparameter of the wrong type (e.g. a str ``gamma``).
         ValueError: On bad hyperparameters; at update time on a missing ``retain_grads``,
             a tree structure that differs from the forget gradients', or a leaf of the
             wrong shape (naming the leaf path).
@@ -200,20 +202,15 @@ def geometric_disentanglement(
         Zhou et al., "Geometric Disentanglement for Machine Unlearning",
         https://arxiv.org/abs/2511.17100, 2025.
     """
-    if subspace not in _SUBSPACES:
-        raise ValueError(f"subspace must be one of {_SUBSPACES}, got {subspace!r}")
-    if geometry not in _GEOMETRIES:
-        raise ValueError(f"geometry must be one of {_GEOMETRIES}, got {geometry!r}")
-    for name, value in (("gamma", gamma), ("alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-    if isinstance(b2, bool) or not isinstance(b2, (int, float)) or not 0 <= b2 < 1:
-        raise ValueError(f"b2 must be a number in [0, 1), got {b2!r}")
-    for name, value in (("eps", eps), ("tolerance", tolerance),
-                        ("projection_eps", projection_eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    gamma, alpha, b2, eps = float(gamma), float(alpha), float(b2), float(eps)
+    check_choice("subspace", subspace, _SUBSPACES)
+    check_choice("geometry", geometry, _GEOMETRIES)
+    gamma = check_real("gamma", gamma, -math.inf, math.inf, low_open=True, high_open=True)
+    alpha = check_real("alpha", alpha, -math.inf, math.inf, low_open=True, high_open=True)
+    b2 = check_real("b2", b2, 0.0, 1.0, low_open=False, high_open=True)
+    eps, tolerance, projection_eps = (
+        check_real(name, value, 0.0, math.inf, low_open=False, high_open=True)
+        for name, value in (("eps", eps), ("tolerance", tolerance),
+                            ("projection_eps", projection_eps)))
     adam = geometry == "adam"
     stacked = subspace == "span"
 

@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
-PyTree = Any
+from clax._validation import check_bool, check_params_given, check_real
+from clax.typing import PyTree
 
 
 class EMABalancingState(NamedTuple):
@@ -107,21 +107,15 @@ def ema_balancing(
         ``update`` requires ``params``.
 
     Raises:
+        TypeError: On a non-number ``decay`` or ``fallback_rate`` or a non-bool ``adaptive``.
         ValueError: On ``decay`` outside ``[0, 1)`` or ``fallback_rate`` outside ``(0, 1)``;
             at update time, if ``params`` is None.
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
-    if (
-        isinstance(fallback_rate, bool)
-        or not isinstance(fallback_rate, (int, float))
-        or not 0 < fallback_rate < 1
-    ):
-        raise ValueError(f"fallback_rate must be a float in (0, 1), got {fallback_rate!r}")
-    if not isinstance(adaptive, bool):
-        raise ValueError(f"adaptive must be a bool, got {adaptive!r}")
+    decay = check_real("decay", decay, 0.0, 1.0, low_open=False, high_open=True)
+    fallback_rate = check_real("fallback_rate", fallback_rate, 0.0, 1.0, low_open=True,
+                               high_open=True)
+    adaptive = check_bool("adaptive", adaptive)
     inner = optax.with_extra_args_support(inner)
-    decay, fallback_rate = float(decay), float(fallback_rate)
 
     def init_fn(params: PyTree) -> EMABalancingState:
         # A copy, not an alias: training steps donate params and opt_state together.
@@ -137,8 +131,7 @@ def ema_balancing(
     def update_fn(
         updates: PyTree, state: EMABalancingState, params: PyTree | None = None, **extra_args
     ) -> tuple[PyTree, EMABalancingState]:
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+        check_params_given(params, "ema_balancing")
         grads = updates
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
         new_params = optax.apply_updates(params, updates)

@@ -47,27 +47,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
+from clax._validation import check_choice, check_params_given, check_real
 from clax.fisher.estimators import check_fisher
 from clax.params.paths import check_same_structure
-
-PyTree = Any
+from clax.typing import PyTree
 
 MODES = ("separate", "online")
 
 
 def _check_lam(lam: Any) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) \
-            or lam < 0:
-        raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam!r}")
-    return float(lam)
+    return check_real("lam (λ)", lam, 0.0, math.inf, low_open=False, high_open=True)
 
 
 def _check_decay(decay: Any) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-        raise ValueError(f"decay (γ) must be a number in [0, 1], got {decay!r}")
-    return float(decay)
+    return check_real("decay (γ)", decay, 0.0, 1.0, low_open=False, high_open=False)
 
 
 def _is_scalar(x: Any) -> bool:
@@ -114,6 +108,7 @@ def ewc_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
         every entry) and ``anchor`` (a tree like params). Other extra args are ignored.
 
     Raises:
+        TypeError: On a non-number ``λ``.
         ValueError: On ``λ < 0``; at update time, when ``params`` is None, ``fisher`` or
             ``anchor`` is missing or differs in structure/shape from params (naming the
             leaf path), or a concrete ``fisher`` has a negative or non-finite entry
@@ -127,8 +122,7 @@ def ewc_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, *, fisher=None, anchor=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+        check_params_given(params, "ewc_penalty")
         if fisher is None or anchor is None:
             raise ValueError(
                 "ewc_penalty needs the keyword extra args fisher= and anchor= "
@@ -154,6 +148,7 @@ def l2_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
         the keyword extra arg ``anchor`` (a tree like params).
 
     Raises:
+        TypeError: On a non-number ``λ``.
         ValueError: On ``λ < 0``; at update time, on missing params/anchor or an anchor
             whose structure differs from params (naming the leaf path).
     """
@@ -165,8 +160,7 @@ def l2_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, *, anchor=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+        check_params_given(params, "l2_penalty")
         if anchor is None:
             raise ValueError("l2_penalty needs the keyword extra arg anchor=")
         return _penalty_update(lam, None, anchor, updates, params), state
@@ -202,8 +196,7 @@ class EWCMemory(NamedTuple):
 
 def init_ewc_memory(params: PyTree, *, mode: str = "separate") -> EWCMemory:
     """Empty :class:`EWCMemory` for `params` (zero Fisher: no penalty yet)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     return EWCMemory(
         fisher=zeros,
@@ -257,11 +250,11 @@ def consolidate_ewc(
         The new memory, same structure, shapes and dtypes.
 
     Raises:
+        TypeError: On a non-str ``mode`` or a non-number ``γ``.
         ValueError: On a bad mode or ``γ``; on a Fisher whose structure differs from params
             or with negative / non-finite entries (naming the leaf path).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     decay = _check_decay(decay)
     check_fisher(fisher, params, name="fisher")
     check_same_structure(memory.fisher, params, names=("memory.fisher", "params"))

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clax._validation import check_positive_int
 from clax.params.paths import path_str, plain_path
 from clax.subspace.basis import SubspaceBasis
-
-PyTree = Any
+from clax.typing import PyTree
 
 MISSING_BASES_MSG = (
     "subspace_projection needs the bases as a keyword extra arg: "
@@ -145,7 +145,7 @@ def subspace_projection(
     Adam only the *gradient* is orthogonal: momentum mixes in earlier (differently
     projected) gradients and Adam rescales coordinates, so the update leaves the
     complement. For an exactly orthogonal *update*, put the transform after the optimizer:
-    ``optax.chain(optax.adam(lr), subspace_projection())`` (``Method.post_transform``).
+    ``optax.chain(optax.adam(lr), subspace_projection())`` (``optimizer=clax.after(...)`` in a `Method`).
 
     Cost. A leaf costs two ``n × c × out`` matmuls, where ``c`` is the basis size rounded
     up to a multiple of ``capacity / rank_buckets`` (one ``lax.switch`` branch per bucket,
@@ -173,7 +173,8 @@ def subspace_projection(
         mapping; ``freeze`` an optional bool scalar (may be traced).
 
     Raises:
-        ValueError: On a bad ``rank_buckets``; at update time, if ``bases`` is missing,
+        TypeError: On a non-int ``rank_buckets``.
+        ValueError: On ``rank_buckets < 1``; at update time, if ``bases`` is missing,
             names a path that is not a leaf of the updates, or has a basis whose dimension
             does not fit its leaf (the path and both shapes are named).
 
@@ -190,8 +191,7 @@ def subspace_projection(
                [1., 1.],
                [1., 1.]], dtype=float32)
     """
-    if isinstance(rank_buckets, bool) or not isinstance(rank_buckets, int) or rank_buckets < 1:
-        raise ValueError(f"rank_buckets must be a positive int, got {rank_buckets!r}")
+    rank_buckets = check_positive_int("rank_buckets", rank_buckets)
 
     def init_fn(params: PyTree) -> optax.EmptyState:
         del params

@@ -29,7 +29,8 @@ from absl import app, flags
 
 from clax.models import make_model
 from clax.subspace import SubspaceBasis
-from clax.training import Batch, ModelFns, StepFns, data_mesh, make_method
+from clax.core import Batch, ModelFns, make_method
+from clax.training import StepFns, data_mesh
 from experiments.bench.common import device_description, write_json
 
 FLAGS = flags.FLAGS

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from clax import data
-from clax.training import Method, joint, train_continual
+from clax.core import Method
+from clax.training import joint, train_continual
 from tests.training.helpers import tiny_config, tiny_dataset
 
 
@@ -132,7 +133,6 @@ def test_si_blurry_subsamples_classes_before_planning():
         ({"num_tasks": 0}, r"num_tasks must be a positive int"),
         ({"disjoint_share": 1.5}, r"disjoint_share must be a number in \[0, 1\]"),
         ({"blurry_share": -0.1}, r"blurry_share must be a number in \[0, 1\]"),
-        ({"blurry_share": True}, r"blurry_share must be a number"),
         ({"seed": -1}, r"seed must be a non-negative int"),
         ({"max_train_per_class": 0}, r"max_train_per_class must be None or a positive int"),
     ],
@@ -140,6 +140,13 @@ def test_si_blurry_subsamples_classes_before_planning():
 def test_si_blurry_rejects_unsatisfiable_configurations(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.si_blurry(_indexed(), **kwargs)
+
+
+def test_si_blurry_rejects_wrong_types():
+    with pytest.raises(TypeError, match=r"blurry_share must be a number in \[0, 1\], got True"):
+        data.si_blurry(_indexed(), blurry_share=True)
+    with pytest.raises(TypeError, match=r"num_classes must be a positive int, got 3.0 \(float"):
+        data.blurry_split(np.array([0, 1, 2]), num_classes=3.0, num_tasks=1)
 
 
 def test_blurry_split_rejects_labels_out_of_range():
@@ -237,6 +244,19 @@ def test_recurring_rejects_unsatisfiable_configurations(kwargs, match):
         data.recurring(_indexed(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"classes_per_task": "2"}, r"classes_per_task must be a positive int, got '2' \(str\)"),
+        ({"samples_per_class": 2.0}, r"samples_per_class must be a positive int, got 2.0"),
+        ({"recurrence": None}, r"recurrence must be a number in \[0, 1\], got None"),
+    ],
+)
+def test_recurring_rejects_wrong_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        data.recurring(_indexed(), **kwargs)
+
+
 # --------------------------------------------------------------------------------------
 # Online streams
 
@@ -255,7 +275,7 @@ def test_online_flag_from_registry_and_as_online():
 def _probe_method(**kw):
     """Records, in memory, the largest task index and task id its steps were shown."""
 
-    def update_memory(memory, ctx, logits, new_params):
+    def update_memory(memory, ctx, out):
         return jnp.maximum(memory, jnp.maximum(ctx.task_index, jnp.max(ctx.batch.task_ids)))
 
     return Method(name="probe", init_memory=lambda p: jnp.zeros((), jnp.int32),
@@ -288,32 +308,16 @@ def test_online_stream_refuses_methods_that_need_boundaries():
         train_continual(tiny_config(), scenario=scenario, method=method)
     with pytest.raises(ValueError, match=r"'joint' chooses its own training data"):
         train_continual(tiny_config(), scenario=scenario, method=joint())
-    with pytest.raises(ValueError, match=r"online_fallback must be None or one of"):
-        train_continual(tiny_config(), scenario=scenario,
-                        method=Method(name="odd", online_fallback="every_step"))
     with pytest.raises(ValueError, match=r"reset_optimizer_per_task=True resets"):
         train_continual(tiny_config(reset_optimizer_per_task=True), scenario=scenario)
 
 
 def test_loop_runs_an_online_stream_one_pass_hiding_boundaries():
     scenario = data.as_online(_tiny_blurry())
-    calls = []
-
-    def hook(name):
-        def run(state, ctx):
-            calls.append((name, ctx.task_index, len(ctx.tasks), len(ctx.train.y),
-                          int(ctx.train.task_ids.max())))
-            return state
-        return run
-
-    method = _probe_method(before_task=hook("before"), consolidate=hook("after"),
-                           online_fallback="single_task")
+    method = _probe_method()
     result = train_continual(tiny_config(epochs_per_task=3), scenario=scenario, method=method,
                              keep_state=True)
     assert result.accuracy_matrix.shape == (2, 2)  # evaluation still reports every task
     # One pass: epochs_per_task=3 is overridden by the stream.
     assert int(result.state.step) == sum(len(t.y_train) // 32 for t in scenario.tasks)
     assert int(result.state.memory) == 0  # steps saw task index 0 and task ids 0 only
-    # The single_task fallback: each hook once, around the stream seen as one task.
-    n = sum(len(t.y_train) for t in scenario.tasks)
-    assert calls == [("before", 0, 1, n, 0), ("after", 0, 1, n, 0)]

@@ -94,7 +94,7 @@ def test_per_example_fisher_bounds_the_selection():
     when the forget class is a tenth of the data."""
     from clax.fisher import diagonal_fisher
     from clax.models import make_model
-    from clax.training import ModelFns
+    from clax.core import ModelFns
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6, 6, 1)).astype(np.float32)

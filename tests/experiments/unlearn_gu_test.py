@@ -6,7 +6,7 @@ from experiments.unlearn_gu import Config, markdown, run
 
 
 def test_run_core_on_tiny_digits():
-    cfg = Config(dataset="digits", max_train=400, widths=(32,), train_epochs=15,
+    cfg = Config(dataset="digits", max_train=400, widths=(32,), train_epochs=15, train_lr=3e-3,
                  modes=("class",), variants=("ga+gu",),
                  unlearn_batch=32, max_steps=40, eval_every=5, gu_k=4, unlearn_lr=1e-3)
     logs = []

@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from clax.fisher import check_fisher, diagonal_fisher
+from clax.core import Batch, LanguageModeling, ModelFns, TrainArrays
+from clax.data.text import synthetic_token_domains
+from clax.fisher import check_fisher, diagonal_fisher, fisher_batch_update
 from clax.models import make_model
-from clax.training.model_fns import ModelFns
 
 N, BATCH, CHUNK, CLASSES = 21, 8, 3, 4  # ragged last batch and ragged chunks on purpose
 
@@ -156,3 +157,111 @@ def test_check_fisher_names_the_leaf_path():
     bad["layers"][0]["bias"] = jnp.array([0.0, jnp.nan, 0.0])
     with pytest.raises(ValueError, match="layers/0/bias.*non-finite"):
         check_fisher(bad, params)
+
+
+# --------------------------------------------------------------------------- language model
+
+LM_N, LM_LEN, VOCAB = 13, 16, 16  # 13 sequences: a ragged last batch (8 + 5), ragged chunks
+
+
+@functools.cache
+def _lm():
+    model = make_model("causal_lm", input_shape=(LM_LEN,), num_classes=VOCAB, dim=32, depth=2,
+                       num_heads=2, seed=0)
+    scenario = synthetic_token_domains(num_tasks=1, vocab_size=VOCAB, seq_len=LM_LEN,
+                                       num_train=LM_N, num_test=1)
+    task = scenario.tasks[0]
+    # One objective object for every call: it is a static argument of the jitted core.
+    return ModelFns.split(model), (task.x_train, task.y_train), LanguageModeling()
+
+
+def _lm_per_example_grads(fns, params, model_state, objective, x, y):
+    def loss(p, xi, yi):
+        one = Batch(xi[None], yi[None], jnp.zeros((1,), jnp.int32))
+        outputs = fns.apply(p, model_state, one.x, one.task_ids, train=False)[0]
+        return objective.per_example_loss(outputs, one)[0]
+
+    return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+
+
+def test_lm_per_example_matches_vmap_grad_with_masked_tokens():
+    # Tolerance: both sides are float32 sums of the same per-token products in different
+    # orders (the token sum A_iᵀΔ_i of the per-token Dense path, the per-module VJPs of
+    # the embeddings / LayerNorms / position embedding against one autodiff backward
+    # pass). Each gradient entry sums at most L·4D = 2048 products, whose rounding is
+    # ~sqrt(2048)·2^-24 ≈ 3e-6 relative in typical (random-sign) accumulation; squaring
+    # doubles it, and the mean over examples does not grow it. 2e-5 of the largest
+    # Fisher entry leaves a margin over that (measured: <= 6e-7) while the wrong per-token
+    # identity Σ_t a_t²δ_t² is off by O(1).
+    (fns, params, model_state), (x, y), objective = _lm()
+    masked = y.copy()
+    masked[np.random.default_rng(0).random(y.shape) < 0.3] = -1  # prompt / padding tokens
+    masked[4] = -1  # a sequence without counted tokens: loss 0, no gradient
+    for targets in (y, masked):
+        grads = _lm_per_example_grads(fns, params, model_state, objective, x, targets)
+        expected = jax.tree.map(lambda g: jnp.mean(g**2, axis=0), grads)
+        got = diagonal_fisher(fns, params, TrainArrays(x, targets, np.zeros(LM_N, np.int32)),
+                              model_state=model_state, objective=objective,
+                              batch_size=BATCH, chunk_size=CHUNK)
+        _assert_trees_close(got, expected)
+        check_fisher(got, params)
+    # The masked tokens changed the estimate (the test is not vacuous).
+    assert not np.allclose(jax.tree.leaves(got)[-1], jax.tree.leaves(
+        diagonal_fisher(fns, params, (x, y), model_state=model_state, objective=objective,
+                        batch_size=BATCH, chunk_size=CHUNK))[-1])
+
+
+def test_lm_batch_granularity_is_its_definition():
+    (fns, params, model_state), (x, y), objective = _lm()
+
+    def batch_loss(p, xb, yb):
+        b = Batch(xb, yb, jnp.zeros((len(xb),), jnp.int32))
+        outputs = fns.apply(p, model_state, b.x, b.task_ids, train=False)[0]
+        return objective.per_example_loss(outputs, b).mean()  # every sequence weighs 1
+
+    squares = [jax.tree.map(jnp.square, jax.grad(batch_loss)(params, x[s:s + BATCH],
+                                                             y[s:s + BATCH]))
+               for s in range(0, LM_N, BATCH)]
+    expected = jax.tree.map(lambda *s: sum(s) / len(s), *squares)
+    got = diagonal_fisher(fns, params, (x, y), model_state=model_state, objective=objective,
+                          granularity="batch", batch_size=BATCH)
+    _assert_trees_close(got, expected)
+
+
+def test_lm_targets_that_do_not_fit_the_objective_are_named():
+    (fns, params, model_state), (x, y), objective = _lm()
+    # LM targets (N, L) with the default Classification objective (the reported bug).
+    with pytest.raises(ValueError, match=r"data\.y \(shapes \[\(13, 16\)\]\) does not fit "
+                                         r"Classification.*one loss per example"):
+        diagonal_fisher(fns, params, (x, y), model_state=model_state)
+    with pytest.raises(ValueError, match=r"data\.y \(shapes \[\(13,\)\]\) does not fit "
+                                         r"LanguageModeling"):
+        diagonal_fisher(fns, params, (x, y[:, 0]), model_state=model_state,
+                        objective=objective)
+    with pytest.raises(ValueError, match="logit_masks is only for the default objective"):
+        diagonal_fisher(fns, params, (x, y), model_state=model_state, objective=objective,
+                        logit_masks=np.ones((1, VOCAB), bool))
+    with pytest.raises(TypeError, match="objective must implement clax.core.Objective"):
+        diagonal_fisher(fns, params, (x, y), model_state=model_state, objective="lm")
+
+
+def test_lm_per_example_scratch_is_not_batch_times_params():
+    # A wide, short model, so that a (B, params) array would dwarf the activations: the
+    # compiled per-example program's scratch must stay below half of one.
+    model = make_model("causal_lm", input_shape=(4,), num_classes=VOCAB, dim=64, depth=1,
+                       num_heads=2, seed=0)
+    fns, params, model_state = ModelFns.split(model)
+    b = 32
+    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+    tokens = jax.ShapeDtypeStruct((b, 4), jnp.int32)
+    ints = jax.ShapeDtypeStruct((b,), jnp.int32)
+    acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+    compiled = fisher_batch_update.lower(
+        fns, acc, params, model_state, tokens, tokens, ints,
+        jax.ShapeDtypeStruct((b,), jnp.float32), jax.random.key(0), None,
+        labels="empirical", granularity="example", chunk_size=4,
+        objective=LanguageModeling()).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # backends without memory analysis
+        pytest.skip("no memory analysis on this backend")
+    assert analysis.temp_size_in_bytes < 0.5 * b * num_params * 4

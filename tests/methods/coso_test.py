@@ -7,7 +7,8 @@ import pytest
 
 from clax.models import make_model
 from clax.subspace.basis import orthonormality_error
-from clax.training import Batch, ModelFns, StepFns, data_mesh, make_method
+from clax.core import Batch, ModelFns, make_method
+from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches
 from clax.transforms.coso import CoSOState
 from clax.transforms.ema import find_state
@@ -73,9 +74,21 @@ def test_task_end_protects_output_subspace_and_freezes_biases():
     ({"threshold": 1.0}, r"threshold must be a number in \(0.0, 1.0\)"),
     ({"b2": -0.1}, "b2"),
     ({"head_pattern": "("}, "not a valid regex"),
-    ({"freeze_other_after_first_task": 1}, "must be a bool"),
     ({"proj_rank": 0}, "proj_rank"),
+    ({"eps": -1.0}, "eps must be a finite number >= 0"),
 ])
 def test_bad_hyperparameters(kwargs, msg):
-    with pytest.raises((ValueError, TypeError), match=msg):
+    with pytest.raises(ValueError, match=msg):
+        make_method("coso", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"freeze_other_after_first_task": 1}, r"must be a bool, got 1 \(int\)"),
+    ({"threshold": "0.9"}, r"threshold must be a number in \(0.0, 1.0\), got '0.9' \(str\)"),
+    ({"head_pattern": None}, "head_pattern must be a regex string"),
+    ({"proj_rank": 2.0}, r"proj_rank must be a positive int, got 2.0 \(float\)"),
+    ({"sketch_decay": "1"}, "sketch_decay must be a number"),
+])
+def test_wrong_hyperparameter_types(kwargs, msg):
+    with pytest.raises(TypeError, match=msg):
         make_method("coso", **kwargs)

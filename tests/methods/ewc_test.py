@@ -11,9 +11,9 @@ import pytest
 
 from clax.fisher import diagonal_fisher
 from clax.models import make_model
-from clax.training import make_method
-from clax.training.method import BoundaryContext, TrainArrays, TrainState
-from clax.training.model_fns import ModelFns
+from clax.core import make_method
+from clax.core import BoundaryContext, TrainArrays, TrainState
+from clax.core import ModelFns
 
 N = 40
 
@@ -122,3 +122,9 @@ def test_bad_hyperparameters():
         make_method("online_ewc", fisher_granularity="sample")
     with pytest.raises(ValueError, match="fisher_max_examples"):
         make_method("ewc", fisher_max_examples=-1)
+    with pytest.raises(TypeError, match=r"lam \(λ\) must be a finite number >= 0, got '1'"):
+        make_method("ewc", lam="1")
+    with pytest.raises(TypeError, match=r"fisher_labels must be one of .*, got None"):
+        make_method("ewc", fisher_labels=None)
+    with pytest.raises(TypeError, match=r"fisher_batch_size must be a positive int, got 8.0"):
+        make_method("ewc", fisher_batch_size=8.0)

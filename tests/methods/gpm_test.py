@@ -9,9 +9,10 @@ from clax.methods.gpm import gpm, gpm_memory
 from clax.models import make_model
 from clax.params.paths import path_str
 from clax.subspace import SubspaceBasis, orthonormality_error
-from clax.training import Batch, ModelFns, StepFns, data_mesh, make_method
+from clax.core import Batch, ModelFns, make_method
+from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches
-from clax.training.method import BoundaryContext, TrainState, current_task_data
+from clax.core import BoundaryContext, TrainState, current_task_data
 from tests.subspace.basis_test import update_gpm_reference
 from tests.training.helpers import tiny_scenario
 
@@ -98,14 +99,29 @@ def test_consolidates_a_multi_head_cnn():
 
 
 def test_hyperparameter_errors():
-    with pytest.raises(ValueError, match=r"threshold must be a scalar in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0.0, 1.0\)"):
         gpm(threshold=1.0)
-    with pytest.raises(ValueError, match=r"layer_thresholds\[1\] must be a scalar in"):
+    with pytest.raises(ValueError, match=r"layer_thresholds\[1\] must be a number in"):
         gpm(layer_thresholds=(0.9, 0.0))
-    with pytest.raises(ValueError, match="project must be 'gradient' or 'update'"):
+    with pytest.raises(ValueError, match=r"project must be one of \['gradient', 'update'\]"):
         gpm(project="both")
     with pytest.raises(ValueError, match="num_samples must be a positive int"):
         gpm(num_samples=0)
+    with pytest.raises(ValueError, match=r"threshold_increment must be a number in \[0.0, 1.0\)"):
+        gpm(threshold_increment=1.0)
+
+
+def test_hyperparameter_type_errors():
+    with pytest.raises(TypeError, match=r"num_samples must be a positive int, got 300.0 \(float"):
+        gpm(num_samples=300.0)
+    with pytest.raises(TypeError, match=r"layer_thresholds must be a sequence .*, got 0.9"):
+        gpm(layer_thresholds=0.9)
+    with pytest.raises(TypeError, match=r"layer_thresholds\[0\] must be a number"):
+        gpm(layer_thresholds=("0.9",))
+    with pytest.raises(TypeError, match="freeze_1d_after_first_task must be a bool, got 1"):
+        gpm(freeze_1d_after_first_task=1)
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        gpm(threshold=None)
 
 
 def test_layer_threshold_count_and_increment_are_checked():

@@ -10,18 +10,20 @@ import pytest
 
 from clax.models import make_model
 from clax.replay import reservoir_insert, stored
-from clax.training import (
+from clax.core import (
     Batch,
     BoundaryContext,
+    Classification,
+    DataSpec,
+    LanguageModeling,
     ModelFns,
-    StepFns,
     TrainArrays,
-    data_mesh,
-    default_config,
+    example_spec,
     make_method,
     masked_cross_entropy,
-    train_continual,
 )
+from clax.data.text import synthetic_token_domains
+from clax.training import StepFns, data_mesh, default_config, train_continual
 from tests.training.helpers import tiny_config, tiny_scenario
 
 SHAPE, CLASSES, B = (4, 4, 1), 4, 4
@@ -159,8 +161,8 @@ def test_agem_rejects_task_ids_beyond_max_tasks():
     tasks = tiny_scenario().tasks
     train = TrainArrays(np.zeros((1, *SHAPE), np.float32), np.zeros(1, np.int32),
                         np.full(1, 2, np.int32))
-    ctx = BoundaryContext(task_index=2, tasks=tasks, train=train, model=None, steps=None,
-                          rng=jax.random.key(0), config=None)
+    ctx = BoundaryContext(task_index=2, tasks=tasks, train=train, model=None,
+                          objective=Classification(), rng=jax.random.key(0))
     with pytest.raises(ValueError, match="max_tasks=2"):
         m.before_task(None, ctx)
 
@@ -215,3 +217,133 @@ def test_in_default_config():
     assert c.method.er.buffer_size == 200 and c.method.derpp.alpha == 0.1
     assert c.method.derpp.beta == 0.5 and c.method.agem.reference_size == 256
     assert c.method.replay_reptile.meta_lr == 0.1
+
+
+# ------------------------------------------------------------------ language modeling
+
+LM_L, LM_V, LM_LR = 8, 16, 0.1
+_LM = LanguageModeling()
+# One compiled StepFns per method (shared by the LM tests); buffers hold every example the
+# tests insert, so their contents are exactly the inserted stream.
+_LM_METHODS = {"er": {"buffer_size": 64}, "derpp": {"buffer_size": 64, "alpha": 0.3,
+                                                     "beta": 0.7},
+               "agem": {"buffer_size": 64, "reference_size": 8}}
+
+
+@functools.cache
+def _lm_tasks():
+    return synthetic_token_domains(num_tasks=2, vocab_size=LM_V, seq_len=LM_L, num_train=32,
+                                   num_test=8).tasks
+
+
+@functools.cache
+def _lm_compiled(method):
+    model = make_model("causal_lm", input_shape=(LM_L,), num_classes=LM_V, dim=32, depth=2,
+                       num_heads=2, seed=0)
+    fns, params, model_state = ModelFns.split(model)
+    m = make_method(method, **_LM_METHODS[method])
+    task = _lm_tasks()[0]
+    train = TrainArrays(task.x_train, task.y_train, np.zeros(len(task.x_train), np.int32))
+    data = DataSpec(example_spec(train), jax.ShapeDtypeStruct((LM_L, LM_V), jnp.float32))
+    steps = StepFns(fns, m, m.optimizer(optax.sgd(LM_LR)), data_mesh(1), objective=_LM,
+                    data=data)
+    return fns, steps, params, model_state
+
+
+def _lm_setup(method):
+    fns, steps, params, model_state = _lm_compiled(method)
+    return fns, steps, steps.init_state(params, model_state, 0), model_state
+
+
+def _lm_batch(task, start, n=B):
+    """Rows of a token task; the last target is -1 (no loss), which the buffer must keep."""
+    t = _lm_tasks()[task]
+    y = t.y_train[start:start + n].copy()
+    y[:, -1] = -1
+    return Batch(t.x_train[start:start + n], y, np.full(n, task, np.int32))
+
+
+def _lm_loss(fns, model_state, params, batch):
+    out = fns.apply(params, model_state, jnp.asarray(batch.x), jnp.asarray(batch.task_ids),
+                    train=True)[0]
+    return _LM.loss(out, jax.tree.map(jnp.asarray, batch))
+
+
+@pytest.mark.parametrize("method", sorted(_LM_METHODS))
+def test_replay_methods_train_a_causal_lm_and_store_token_sequences(method):
+    fns, steps, state, ms = _lm_setup(method)
+    layout = jax.tree.map(lambda a: (a.shape, a.dtype), (state.memory.x, state.memory.y))
+    assert layout == (((64, LM_L), jnp.int32), ((64, LM_L), jnp.int32))
+    p0 = jax.tree.map(np.asarray, state.params)
+    inserted, losses = [], []
+    for task in (0, 1):
+        for i in range(3):
+            b = _lm_batch(task, 4 * i)
+            state, m = steps.train_step(state, steps.shard_batch(b), task)
+            inserted.append(b)
+            losses.append(float(m.loss))
+    assert np.all(np.isfinite(losses)), losses
+    got = stored(state.memory)
+    assert int(state.memory.size) == 6 * B
+    # Under capacity both reservoir and per-task CBRS fill the slots in stream order.
+    for field in ("x", "y", "task_ids"):
+        want = np.concatenate([getattr(b, field) for b in inserted])
+        np.testing.assert_array_equal(got[field], want)
+    assert got["x"].dtype == np.int32 and (got["y"][:, -1] == -1).all()
+    if method == "derpp":
+        # The outputs stored with the first batch are the model's (L, V) logits before
+        # the first update.
+        apply = jax.jit(lambda p, x, t: fns.apply(p, ms, x, t, train=True)[0])
+        want = apply(p0, inserted[0].x, inserted[0].task_ids)
+        assert got["logits"].shape == (6 * B, LM_L, LM_V)
+        np.testing.assert_allclose(got["logits"][:B], want, rtol=1e-5, atol=1e-5)
+
+
+def test_er_lm_step_is_the_token_weighted_concatenated_batch_step():
+    fns, steps, state, ms = _lm_setup("er")
+    old = _lm_batch(0, 0, n=1)
+    state = _fill(state, steps, old, 8)
+    params = jax.tree.map(np.asarray, state.params)
+    cur = _lm_batch(1, 0)
+    new, _ = steps.train_step(state, steps.shard_batch(cur), 1)
+    # M = B = 4 draws of the one stored example, each weighing 1: the LM loss pooled over
+    # the tokens of [current; 4 copies].
+    concat = Batch(*(np.concatenate([a, np.repeat(b, B, 0)]) for a, b in zip(cur, old)))
+    _close(new.params, _sgd(params, jax.jit(lambda p: _lm_loss(fns, ms, p, concat)), LM_LR),
+           atol=1e-5)
+
+
+def test_derpp_lm_mse_is_the_mean_over_sequence_logits():
+    alpha, beta = _LM_METHODS["derpp"]["alpha"], _LM_METHODS["derpp"]["beta"]
+    fns, steps, state, ms = _lm_setup("derpp")
+    old = _lm_batch(0, 0, n=1)
+    z = np.random.default_rng(0).normal(size=(1, LM_L, LM_V)).astype(np.float32)
+    state = _fill(state, steps, old, 8, logits=z)
+    params = jax.tree.map(np.asarray, state.params)
+    cur = _lm_batch(1, 0)
+
+    def loss(p):
+        out = fns.apply(p, ms, jnp.asarray(old.x), jnp.asarray(old.task_ids), train=True)[0]
+        # F.mse_loss over the (m, L, V) entries; every draw is the one stored example.
+        return (_lm_loss(fns, ms, p, cur) + alpha * jnp.mean((out - z) ** 2)
+                + beta * _lm_loss(fns, ms, p, old))
+
+    new, _ = steps.train_step(state, steps.shard_batch(cur), 1)
+    _close(new.params, _sgd(params, jax.jit(loss), LM_LR), atol=1e-5)
+
+
+def test_agem_lm_reference_gradient_is_the_lm_loss_gradient():
+    fns, steps, state, ms = _lm_setup("agem")
+    old = _lm_batch(0, 0, n=1)
+    state = _fill(state, steps, old, 4, extra=_lm_batch(1, 8))  # task-1 rows: not past
+    params = jax.tree.map(np.asarray, state.params)
+    cur = _lm_batch(1, 0)
+    grad = jax.jit(jax.grad(lambda p, b: _lm_loss(fns, ms, p, b)))
+    g, r = grad(params, cur), grad(params, old)
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    dot = flat(g) @ flat(r)
+    # A-GEM: g - min(0, <g, r>)/<r, r> r, then SGD.
+    coef = min(dot, 0.0) / (flat(r) @ flat(r))
+    want = jax.tree.map(lambda p, gg, rr: p - LM_LR * (gg - coef * rr), params, g, r)
+    new, _ = steps.train_step(state, steps.shard_batch(cur), 1)
+    _close(new.params, want, rtol=1e-4, atol=1e-5)

@@ -10,16 +10,8 @@ import clax
 from clax.edits.averaging import WeightAveragingState, averaged_params
 from clax.methods import weight_space
 from clax.models import make_model
-from clax.training import (
-    Batch,
-    BoundaryContext,
-    ModelFns,
-    StepFns,
-    data_mesh,
-    default_config,
-    make_method,
-    train_continual,
-)
+from clax.core import Batch, BoundaryContext, ModelFns, make_method
+from clax.training import StepFns, data_mesh, default_config, train_continual
 from clax.training.feed import epoch_index_batches
 from clax.transforms.ema import EMABalancingState, find_state
 from tests.training.helpers import tiny_config, tiny_scenario
@@ -220,7 +212,6 @@ def test_alignment_needs_single_head():
 
 @pytest.mark.parametrize("name,hp,match", [
     ("ema", {"decay": 1.0}, "decay"),
-    ("ema", {"swap_at_task_end": 1}, "swap_at_task_end"),
     ("ema", {"start_task": -1}, "start_task"),
     ("adaptive_ema", {"fallback_rate": 0.0}, "fallback_rate"),
     ("weight_averaging", {"every": 0}, "every"),
@@ -232,6 +223,19 @@ def test_alignment_needs_single_head():
 ])
 def test_bad_hyperparameters(name, hp, match):
     with pytest.raises(ValueError, match=match):
+        make_method(name, **hp)
+
+
+@pytest.mark.parametrize("name,hp,match", [
+    ("ema", {"swap_at_task_end": 1}, r"swap_at_task_end must be a bool, got 1 \(int\)"),
+    ("ema", {"decay": "0.9"}, r"decay must be a number in \[0.0, 1.0\), got '0.9' \(str\)"),
+    ("ema", {"start_task": 1.0}, r"start_task must be a non-negative int, got 1.0 \(float\)"),
+    ("weight_averaging", {"every": 2.0}, r"every must be a positive int, got 2.0 \(float\)"),
+    ("slow_learner", {"align_classifier": None}, "align_classifier must be a bool"),
+    ("slow_learner", {"ca_epochs": True}, "ca_epochs must be a positive int"),
+])
+def test_wrong_hyperparameter_types(name, hp, match):
+    with pytest.raises(TypeError, match=match):
         make_method(name, **hp)
 
 

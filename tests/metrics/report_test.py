@@ -98,8 +98,11 @@ class TestWriteRunResults:
         assert data == {
             "name": "ewc",
             "num_tasks": 3,
+            "metric": "accuracy",
+            "higher_is_better": True,
             "summary": summary,
             "accuracy_matrix": R,
+            "metric_matrix": R,
             "b": B,
             "extra": {"train_time_s": 2.5, "config": "ewc", "seeds": [0, 1]},
         }

@@ -135,41 +135,84 @@ class TestWindowedMetrics:
             stability.windowed_plasticity(THREE_TASKS, window)
 
 
+def _max_consec_delta_from_window(window, delta):
+    """WindowedForgettingPluginMetric.max_consec_delta_from_window, transcribed line by line."""
+    if len(window) <= 1:
+        return 0
+    max_delta = float("-inf")
+    max_found_acc = float("-inf")
+    for idx, val in enumerate(window):
+        if val < max_found_acc:  # Delta can only increase if higher
+            continue
+        max_found_acc = val
+        for other_idx in range(idx + 1, len(window)):
+            other_val = window[other_idx]
+            d = delta(val, other_val)
+            if d > max_delta:
+                max_delta = d
+    return max_delta
+
+
+def _forgetting_delta(first_val, next_val):  # WindowedForgettingPluginMetric.delta
+    return first_val - next_val
+
+
+def _plasticity_delta(first_val, next_val):  # WindowedPlasticityPluginMetric.delta
+    return next_val - first_val
+
+
+def _official_windowed(sequence, w, delta):
+    """One task of the official plugin: a deque of the last w values, a running max from 0."""
+    window = deque()
+    max_change = 0.0  # defaultdict(float)
+    for a in sequence:
+        window.append(a)
+        if len(window) > w:
+            window.popleft()
+        max_change = max(max_change, _max_consec_delta_from_window(window, delta))
+    return max_change
+
+
+def _paper_windowed(sequence, w, gain):
+    """The paper's formula, literally: max(0, max_n max_{n <= m < m' <= n+w-1} d(A(m), A(m')))
+    over the windows of the sequence (the whole sequence when it is shorter than w)."""
+    n_values = len(sequence)
+    best = 0.0
+    for n in range(max(1, n_values - w + 1)):
+        for m in range(n, min(n + w, n_values)):
+            for m2 in range(m + 1, min(n + w, n_values)):
+                d = sequence[m2] - sequence[m] if gain else sequence[m] - sequence[m2]
+                best = max(best, d)
+    return best
+
+
 def _official(curves, windows):
     """The official metric plugins, transcribed: per-evaluation updates of deques and dicts."""
     grid = stability.evaluation_grid(curves)
     min_acc = defaultdict(lambda: float("inf"))
-    acc_window = {w: defaultdict(deque) for w in windows}
-    max_change = {(w, s): defaultdict(float) for w in windows for s in (1, -1)}
     wc_acc = None
     for k, row in zip(grid.train_task, grid.accuracy):
         for task, a in enumerate(row):
-            if np.isnan(a):
-                continue
-            if task != k:  # TaskTrackingMINAccuracyPluginMetric (only seen tasks evaluated)
-                min_acc[task] = min(min_acc[task], a)
-            for w in windows:  # WindowedForgetting / WindowedPlasticity
-                window = acc_window[w][task]
-                window.append(a)
-                if len(window) > w:
-                    window.popleft()
-                for sign in (1, -1):
-                    best = 0.0 if len(window) <= 1 else max(
-                        sign * (window[i] - window[j])
-                        for i in range(len(window)) for j in range(i + 1, len(window)))
-                    d = max_change[(w, sign)]
-                    d[task] = max(d[task], best)
+            if not np.isnan(a) and task != k:  # TaskTrackingMINAccuracyPluginMetric
+                min_acc[task] = min(min_acc[task], a)  # (only seen tasks are evaluated)
         values = [row[k]] + [m for t, m in min_acc.items() if t != k]  # WCACCPluginMetric
         wc_acc = float(np.mean(values))
-    out = {"min_acc": float(np.mean([m for t, m in min_acc.items() if t != k])) if len(
-        [t for t in min_acc if t != k]) else None, "wc_acc": wc_acc}
-    for w in windows:
-        out[f"wf_{w}"] = float(np.mean(list(max_change[(w, 1)].values())))
-        out[f"wp_{w}"] = float(np.mean(list(max_change[(w, -1)].values())))
+    others = [m for t, m in min_acc.items() if t != k]
+    out = {"min_acc": float(np.mean(others)) if others else None, "wc_acc": wc_acc}
+    sequences = [[a for a in col if not np.isnan(a)] for col in grid.accuracy.T]
+    sequences = [seq for seq in sequences if seq]
+    for w in windows:  # WindowedForgetting / WindowedPlasticity, one deque per task
+        out[f"wf_{w}"] = float(np.mean(
+            [_official_windowed(seq, w, _forgetting_delta) for seq in sequences]))
+        out[f"wp_{w}"] = float(np.mean([_paper_windowed(seq, w, True) for seq in sequences]))
+        out[f"wp_official_{w}"] = float(np.mean(
+            [_official_windowed(seq, w, _plasticity_delta) for seq in sequences]))
     return out
 
 
 def test_matches_the_official_implementation_on_random_curves():
+    # wf_* and wp_official_* against the official deque algorithm, wp_* against the paper's
+    # formula (the two disagree on WP, see TestWindowedDefinitions).
     rng = np.random.default_rng(1)
     for trial in range(10):
         num_tasks = int(rng.integers(1, 5))
@@ -190,11 +233,110 @@ def test_matches_the_official_implementation_on_random_curves():
                 assert ours[key] == pytest.approx(ref[key], abs=1e-12), (trial, key)
 
 
+def _one_task(values):
+    return _curves([0] * len(values), [[v] for v in values])
+
+
+class TestWindowedDefinitions:
+    """WP^w as in the paper's text (any gain in a window) and as the official code computes it
+    (gains only from a running maximum of the deque); WF^w, for which they agree."""
+
+    def test_the_example_where_they_differ(self):
+        curves = _one_task([0.9, 0.4, 0.95])
+        # Paper: max over pairs m < m' of A(m') - A(m) = 0.95 - 0.4.
+        assert stability.windowed_plasticity(curves, 3) == pytest.approx(0.55)
+        assert stability.windowed_plasticity(curves, 3, definition="paper") == pytest.approx(0.55)
+        # Official: 0.4 is below the running maximum 0.9, so it is never a start: 0.95 - 0.9.
+        assert stability.windowed_plasticity(curves, 3, definition="official") == pytest.approx(
+            0.05)
+        assert _official_windowed([0.9, 0.4, 0.95], 3, _plasticity_delta) == pytest.approx(0.05)
+        assert _paper_windowed([0.9, 0.4, 0.95], 3, True) == pytest.approx(0.55)
+        summary = stability.stability_summary(curves, windows=(3,))
+        assert summary["wp_3"] == pytest.approx(0.55)
+        assert summary["wp_official_3"] == pytest.approx(0.05)
+        # Forgetting: both 0.5 (0.9 -> 0.4).
+        for definition in stability.WINDOWED_DEFINITIONS:
+            assert stability.windowed_forgetting(
+                curves, 3, definition=definition) == pytest.approx(0.5)
+
+    def test_later_deques_start_later(self):
+        # w = 3 on 0.9 0.4 0.95 0.3 0.5: the deque (0.4, 0.95, 0.3) starts at 0.4: 0.55.
+        curves = _one_task([0.9, 0.4, 0.95, 0.3, 0.5])
+        assert stability.windowed_plasticity(curves, 3, definition="official") == pytest.approx(
+            0.55)
+        # w = 5: one deque from 0.9; starts 0.9 and 0.95 only: 0.95 - 0.9.
+        assert stability.windowed_plasticity(curves, 5, definition="official") == pytest.approx(
+            0.05)
+        assert stability.windowed_plasticity(curves, 5) == pytest.approx(0.55)
+
+    def test_monotone_sequences(self):
+        up = _one_task([0.1, 0.2, 0.4, 0.8])
+        down = _one_task([0.8, 0.4, 0.2, 0.1])
+        for definition in stability.WINDOWED_DEFINITIONS:
+            assert stability.windowed_plasticity(up, 3, definition=definition) == pytest.approx(
+                0.6)  # 0.2 -> 0.8 within 3 evaluations
+            assert stability.windowed_forgetting(up, 3, definition=definition) == 0.0
+            assert stability.windowed_plasticity(down, 3, definition=definition) == 0.0
+            assert stability.windowed_forgetting(down, 3, definition=definition) == pytest.approx(
+                0.6)  # 0.8 -> 0.2
+
+    @pytest.mark.parametrize("chunk_rows", [None, 3])
+    def test_random_sequences_against_literal_transcriptions(self, monkeypatch, chunk_rows):
+        if chunk_rows is not None:  # several chunks of deque states in the vectorized version
+            monkeypatch.setattr(stability, "_CHUNK_ROWS", chunk_rows)
+        rng = np.random.default_rng(7)
+        differ = 0
+        for trial in range(60):
+            n = int(rng.integers(2, 30))
+            values = rng.uniform(size=n)
+            if trial % 3 == 0:
+                values = np.round(values, 1)  # ties
+            seq = values.tolist()
+            curves = _one_task(seq)
+            for w in sorted({2, min(3, n), int(rng.integers(2, n + 1)), n}):
+                got = {(wf, d): (stability.windowed_forgetting if wf else
+                                 stability.windowed_plasticity)(curves, w, definition=d)
+                       for wf in (True, False) for d in stability.WINDOWED_DEFINITIONS}
+                ctx = (trial, w, seq)
+                assert got[(False, "paper")] == pytest.approx(
+                    _paper_windowed(seq, w, True), abs=1e-12), ctx
+                assert got[(False, "official")] == pytest.approx(
+                    _official_windowed(seq, w, _plasticity_delta), abs=1e-12), ctx
+                assert got[(True, "paper")] == pytest.approx(
+                    _paper_windowed(seq, w, False), abs=1e-12), ctx
+                assert got[(True, "official")] == pytest.approx(
+                    _official_windowed(seq, w, _forgetting_delta), abs=1e-12), ctx
+                # WF: the official shortcut is exact. WP: the official value never exceeds the
+                # paper's, and random sequences show the difference.
+                assert got[(True, "official")] == pytest.approx(got[(True, "paper")], abs=1e-12)
+                assert got[(False, "official")] <= got[(False, "paper")] + 1e-12
+                differ += got[(False, "official")] < got[(False, "paper")] - 1e-9
+        assert differ > 10
+
+    def test_several_tasks_and_a_long_run(self):
+        # Per-task deques (tasks evaluated a different number of times), 300 evaluations.
+        rng = np.random.default_rng(3)
+        train = np.repeat(np.arange(3), 100)
+        table = [rng.uniform(size=k + 1) for k in train]
+        curves = _curves(train, table)
+        ref = _official(curves, [10, 100])
+        out = stability.stability_summary(curves)
+        for key in ("wf_10", "wp_10", "wp_official_10", "wf_100", "wp_100", "wp_official_100"):
+            assert out[key] == pytest.approx(ref[key], abs=1e-12), key
+
+    def test_bad_definition(self):
+        with pytest.raises(ValueError, match="definition must be one of"):
+            stability.windowed_plasticity(THREE_TASKS, 2, definition="code")
+        with pytest.raises(ValueError, match="definition must be one of"):
+            stability.windowed_forgetting(THREE_TASKS, 2, definition=None)
+
+
 class TestSummaryAndValidation:
     def test_summary_leaves_windows_longer_than_the_run_empty(self):
         out = stability.stability_summary(THREE_TASKS)
-        assert set(out) == {"min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100"}
-        assert out["wf_10"] is None and out["wp_100"] is None
+        assert set(out) == {"min_acc", "wc_acc", "wf_10", "wp_10", "wp_official_10", "wf_100",
+                            "wp_100", "wp_official_100"}
+        assert out["wf_10"] is None and out["wp_100"] is None and out["wp_official_10"] is None
         assert out["min_acc"] == pytest.approx(0.35)
         out = stability.stability_summary(THREE_TASKS, windows=(2, 6))
         assert out["wf_2"] == pytest.approx(1.1 / 3)

@@ -289,7 +289,26 @@ def test_constructor_rejects_bad_arguments(cls, kwargs, arg):
         cls(TINY, rngs=nnx.Rngs(0), **kwargs)
 
 
-@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 1, 1), (8, 0, 1), "881"])
+@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 1, 1), (8, 0, 1)])
 def test_constructor_rejects_bad_input_shape(shape):
     with pytest.raises(ValueError, match="input_shape"):
         MLP(shape, num_classes=2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape", ["881", (8, 8.0, 1), 8, (8, 8, True)])
+def test_constructor_rejects_input_shape_of_the_wrong_type(shape):
+    with pytest.raises(TypeError, match=r"input_shape must be three positive ints \(H, W, C\)"):
+        MLP(shape, num_classes=2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (MLP, {"num_classes": 2.0}, r"num_classes must be a positive int, got 2.0 \(float\)"),
+        (MLP, {"num_classes": 2, "widths": (4, "8")}, "widths must be a sequence of positive ints"),
+        (SmallCNN, {"num_classes": 2, "hidden": True}, "hidden must be a positive int"),
+    ],
+)
+def test_constructor_rejects_arguments_of_the_wrong_type(cls, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        cls(TINY, rngs=nnx.Rngs(0), **kwargs)

@@ -20,7 +20,7 @@ from clax.replay import (
 )
 from clax.training import data_mesh
 from clax.training.checkpoint import Checkpointer
-from clax.training.method import Batch
+from clax.core import Batch, DataSpec
 
 # Jitted once per shape and shared by the tests (eager dispatch is slow on CPU).
 _insert = jax.jit(reservoir_insert)
@@ -240,9 +240,11 @@ def test_sampling_an_empty_buffer():
                         allow_empty=True).weight) == 0.0
 
 
-@pytest.mark.parametrize("capacity", [0, -1, 2.5, True])
-def test_bad_capacity(capacity):
-    with pytest.raises(ValueError, match="capacity must be a positive int"):
+@pytest.mark.parametrize("capacity,error", [(0, ValueError), (-1, ValueError),
+                                            (2.5, TypeError), (True, TypeError)])
+def test_bad_capacity(capacity, error):
+    # clax._validation: a value of the wrong type is a TypeError, out of range a ValueError.
+    with pytest.raises(error, match="capacity must be a positive int"):
         init_buffer(capacity, (2,))
 
 
@@ -299,3 +301,162 @@ def test_orbax_round_trip(tmp_path):
         assert jax.tree.structure(restored) == jax.tree.structure(state)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                      restored, state)
+
+
+# ------------------------------------------------------------------ any example pytree
+
+L, V = 6, 11
+_SDS = jax.ShapeDtypeStruct
+# A language model's example: token ids (L,) and next-token targets (L,), logits (L, V).
+_TOKENS = Batch(x=_SDS((L,), jnp.int32), y=_SDS((L,), jnp.int32), task_ids=_SDS((), jnp.int32))
+_LOGITS = _SDS((L, V), jnp.float32)
+
+
+def _token_stream(n, seed=0, num_tasks=2):
+    """Token sequences whose first token is the stream position; targets -1 at the end."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, V, (n, L)).astype(np.int32)
+    x[:, 0] = np.arange(n)
+    y = np.concatenate([x[:, 1:], np.full((n, 1), -1, np.int32)], axis=1)
+    t = (np.arange(n) * num_tasks // n).astype(np.int32)
+    return Batch(x, y, t)
+
+
+def _rows(data, sl):
+    return Batch(*(a[sl] for a in data))
+
+
+def test_token_buffer_layout():
+    state = init_buffer(8, example=_TOKENS, outputs=_LOGITS, num_groups=2)
+    layout = {k: (v.shape, v.dtype) for k, v in state._asdict().items() if v is not None}
+    assert layout["x"] == ((8, L), jnp.int32) and layout["y"] == ((8, L), jnp.int32)
+    assert layout["task_ids"] == ((8,), jnp.int32)
+    assert layout["logits"] == ((8, L, V), jnp.float32)
+
+
+def test_token_sequences_are_stored_and_sampled_exactly():
+    data = _token_stream(10)
+    z = np.random.default_rng(1).normal(size=(10, L, V)).astype(np.float32)
+    state = init_buffer(16, example=_TOKENS, outputs=_LOGITS)
+    state = _insert(state, _rows(data, slice(0, 4)), jax.random.key(0), logits=z[:4])
+    state = _insert(state, _rows(data, slice(4, 10)), jax.random.key(1), logits=z[4:])
+    got = stored(state)
+    # Under capacity, algorithm R fills the slots in stream order.
+    assert got["x"].dtype == np.int32 and got["y"].dtype == np.int32
+    np.testing.assert_array_equal(got["x"], data.x)
+    np.testing.assert_array_equal(got["y"], data.y)  # the -1 "no loss" targets included
+    np.testing.assert_array_equal(got["task_ids"], data.task_ids)
+    np.testing.assert_array_equal(got["logits"], z)
+    s = _sample(state, jax.random.key(2), 64)
+    idx = np.asarray(s.index)
+    assert s.batch.x.dtype == jnp.int32 and s.batch.y.shape == (64, L)
+    np.testing.assert_array_equal(np.asarray(s.batch.x), data.x[idx])
+    np.testing.assert_array_equal(np.asarray(s.batch.y), data.y[idx])
+    np.testing.assert_array_equal(np.asarray(s.batch.task_ids), data.task_ids[idx])
+    np.testing.assert_array_equal(np.asarray(s.logits), z[idx])
+
+
+@pytest.mark.parametrize("by", [None, "task"])
+def test_token_insert_past_capacity_keeps_whole_rows(by):
+    """Past capacity, the batch insert equals row-at-a-time insertion, and every slot holds
+    one stream example whole (inputs, targets, task id and outputs of the same row)."""
+    n = 24
+    data = _token_stream(n, num_tasks=3)
+    z = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None], (n, L, V)).copy()
+    if by is None:
+        insert = jax.jit(reservoir_insert)
+    else:
+        insert = jax.jit(functools.partial(balanced_insert, by=by))
+    empty = init_buffer(5, example=_TOKENS, outputs=_LOGITS, num_groups=3)
+    key = jax.random.key(4)
+    whole = insert(empty, data, key, logits=z)
+    one = empty
+    for i in range(n):
+        one = insert(one, _rows(data, slice(i, i + 1)), key, logits=z[i:i + 1])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 whole, one)
+    got = stored(whole)
+    pos = got["x"][:, 0]
+    assert len(set(pos.tolist())) == 5
+    np.testing.assert_array_equal(got["x"], data.x[pos])
+    np.testing.assert_array_equal(got["y"], data.y[pos])
+    np.testing.assert_array_equal(got["task_ids"], data.task_ids[pos])
+    np.testing.assert_array_equal(got["logits"][:, 0, 0], pos)
+    if by == "task":  # three tasks of 8 examples share 5 slots within one
+        sizes = np.bincount(got["task_ids"], minlength=3)
+        assert sizes.max() - sizes.min() <= 1
+
+
+def test_balanced_by_label_needs_scalar_int_labels():
+    state = init_buffer(6, example=_TOKENS, num_groups=2)
+    with pytest.raises(ValueError, match=r"by='label' needs scalar int labels.*by='task'"):
+        balanced_insert(state, _token_stream(3), jax.random.key(0), by="label")
+    float_labels = init_buffer(6, example=_TOKENS._replace(y=_SDS((), jnp.float32)),
+                               num_groups=2)
+    with pytest.raises(ValueError, match="scalar int labels"):
+        balanced_insert(float_labels, Batch(np.zeros((3, L), np.int32), np.zeros(3, np.float32),
+                                            np.zeros(3, np.int32)), jax.random.key(0))
+
+
+def test_pytree_inputs_and_named_mismatches():
+    example = Batch(x={"image": _SDS((2, 2), jnp.float32), "length": _SDS((), jnp.int32)},
+                    y=_SDS((), jnp.int32), task_ids=_SDS((), jnp.int32))
+    state = init_buffer(4, example=example)
+    x = {"image": np.arange(12, dtype=np.float32).reshape(3, 2, 2),
+         "length": np.array([5, 6, 7], np.int32)}
+    state = _insert(state, Batch(x, np.array([0, 1, 2], np.int32), np.zeros(3, np.int32)),
+                    jax.random.key(0))
+    got = stored(state)
+    np.testing.assert_array_equal(got["x"]["image"], x["image"])
+    np.testing.assert_array_equal(got["x"]["length"], x["length"])
+    s = sample(state, jax.random.key(1), 5)
+    idx = np.asarray(s.index)
+    np.testing.assert_array_equal(np.asarray(s.batch.x["image"]), x["image"][idx])
+    np.testing.assert_array_equal(np.asarray(s.batch.x["length"]), x["length"][idx])
+    y, t = np.zeros(3, np.int32), np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="batch.x must have the structure"):
+        reservoir_insert(state, Batch({"image": x["image"]}, y, t), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"batch.x\['image'\] has shape \(3, 4\).*\(3, 2, 2\)"):
+        reservoir_insert(state, Batch({**x, "image": np.zeros((3, 4))}, y, t),
+                         jax.random.key(0))
+
+
+def test_shorthand_and_spec_call_forms_agree():
+    spec = DataSpec.for_classifier((2,), 3)
+    shorthand = init_buffer(5, (2,), num_logits=3, num_groups=2)
+    from_spec = init_buffer(5, example=spec.example, outputs=spec.output, num_groups=2)
+    layout = lambda s: jax.tree.map(lambda a: (a.shape, a.dtype), s)
+    assert layout(shorthand) == layout(from_spec)
+    assert init_buffer(5, (2,), input_dtype=jnp.uint8).x.dtype == jnp.uint8
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({}, ValueError, "needs input_shape"),
+    ({"input_shape": (2,), "example": _TOKENS}, ValueError, "not both"),
+    ({"example": _TOKENS, "num_logits": 3}, ValueError, "not both"),
+    ({"input_shape": (2,), "num_logits": 3, "outputs": _LOGITS}, ValueError,
+     "num_logits or outputs"),
+    ({"input_shape": (2, -1)}, ValueError, "input_shape must be"),
+    ({"example": (1, 2, 3)}, TypeError, "example must be a clax.core.Batch"),
+    ({"example": _TOKENS._replace(x=[5])}, TypeError,
+     r"example.x\[0\] must be a jax.ShapeDtypeStruct"),
+    ({"example": _TOKENS._replace(task_ids=_SDS((2,), jnp.int32))}, ValueError,
+     "example.task_ids must be a scalar int"),
+    ({"example": _TOKENS, "outputs": 3}, TypeError, "outputs must be a jax.ShapeDtypeStruct"),
+])
+def test_init_buffer_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        init_buffer(4, **kwargs)
+
+
+def test_token_buffer_orbax_round_trip(tmp_path):
+    state = init_buffer(5, example=_TOKENS, outputs=_LOGITS, num_groups=2)
+    state = _insert(state, _token_stream(3), jax.random.key(0),
+                    logits=np.ones((3, L, V), np.float32))
+    ckpt = Checkpointer(str(tmp_path / "tokens"))
+    ckpt.save(state, {})
+    restored, _ = ckpt.restore(state)
+    ckpt.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored, state)

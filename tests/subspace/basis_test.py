@@ -181,15 +181,22 @@ def test_bad_input_errors():
     basis = empty_basis(6, 4)
     with pytest.raises(ValueError, match=r"representation must have shape \(n=6, m\).*\(5, 3\)"):
         grow_basis(basis, np.zeros((5, 3)), 0.9)
-    for bad in (0.0, 1.0, 1.5, -0.1, float("nan"), True):
+    for bad in (0.0, 1.0, 1.5, -0.1, float("nan"), np.array([0.5, 0.5])):
         with pytest.raises(ValueError, match="threshold must be a scalar in"):
+            grow_basis(basis, np.zeros((6, 3)), bad)
+    for bad in (True, "0.9", None):
+        with pytest.raises(TypeError, match=r"threshold must be a scalar in \(0, 1\), got"):
             grow_basis(basis, np.zeros((6, 3)), bad)
     with pytest.raises(TypeError, match="basis must be a SubspaceBasis"):
         grow_basis(np.zeros((6, 4)), np.zeros((6, 3)), 0.9)
-    with pytest.raises(ValueError, match=r"capacity must be an int in \[1, n=6\]"):
+    with pytest.raises(ValueError, match=r"capacity must be an int in \[1, 6\], got 7"):
         empty_basis(6, 7)
     with pytest.raises(ValueError, match="n must be a positive int"):
         empty_basis(0)
+    with pytest.raises(TypeError, match=r"n must be a positive int, got 6.0 \(float\)"):
+        empty_basis(6.0)
+    with pytest.raises(TypeError, match=r"capacity must be an int in \[1, 6\], got 2.0"):
+        empty_basis(6, 2.0)
     with pytest.raises(ValueError, match=r"g must have shape \(n=6, ...\)"):
         project_out(basis, np.zeros((5, 2)))
 

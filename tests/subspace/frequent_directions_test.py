@@ -139,5 +139,7 @@ def test_fixed_shapes_jit_no_retrace_and_pytree():
 def test_bad_input():
     with pytest.raises(ValueError, match="rank must be a positive int"):
         init_sketch(4, 0)
+    with pytest.raises(TypeError, match=r"dim must be a positive int, got 4.0 \(float\)"):
+        init_sketch(4.0, 2)
     with pytest.raises(ValueError, match=r"rows must have shape \(k, 4\)"):
         update_sketch(init_sketch(4, 2), jnp.zeros((3, 5)))

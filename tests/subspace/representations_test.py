@@ -8,7 +8,7 @@ from flax import nnx
 
 from clax.models import make_model
 from clax.subspace.representations import collect_representations, representation_matrices
-from clax.training import ModelFns
+from clax.core import ModelFns
 
 
 class ConvNet(nnx.Module):

@@ -9,7 +9,7 @@ import pytest
 from clax import metrics as clax_metrics
 from clax.training import StepFns, build_method, build_model, data_mesh, loop, train_continual
 from clax.training.config import build_optimizer
-from clax.training.model_fns import ModelFns
+from clax.core import ModelFns
 from tests.training.helpers import tiny_config, tiny_scenario
 
 
@@ -33,7 +33,7 @@ def test_every_seen_task_every_rho_steps_with_metrics_in_the_run_directory(tmp_p
         assert {p["train_task"] for p in points} == {current}
         assert sorted(p["eval_task"] for p in points) == list(range(current + 1))  # seen only
         for p in points:  # accuracies of a 20-example subsample
-            assert round(p["accuracy"] * 20) == pytest.approx(p["accuracy"] * 20)
+            assert round(p["value"] * 20) == pytest.approx(p["value"] * 20)
 
     # Stability-gap metrics next to the task-end metrics, in the result and in metrics.json.
     expected = clax_metrics.stability_summary(result.curves)
@@ -54,7 +54,7 @@ def test_every_seen_task_every_rho_steps_with_metrics_in_the_run_directory(tmp_p
     curves = clax_metrics.read_run_curves(workdir)
     assert curves["task_boundaries"] == [steps_per_task[0]]
     assert sorted(curves["points"]) == sorted(
-        (c["step"], c["train_task"], c["eval_task"], c["accuracy"]) for c in result.curves)
+        (c["step"], c["train_task"], c["eval_task"], c["value"]) for c in result.curves)
     assert os.path.isfile(os.path.join(workdir, "accuracy_curves.png"))
 
 
@@ -70,9 +70,12 @@ def test_one_call_for_all_seen_tasks_matches_per_task_evaluation():
     one_call = loop._ContinualEvaluator(steps, scenario, 64, 50, seed=0)
     per_task = loop._Evaluator(steps, scenario, 64, 50, seed=0)
     for seen in (1, 2, 3):
-        np.testing.assert_allclose(one_call.accuracies(state, range(seen)),
-                                   per_task.accuracies(state, range(seen)))
-    assert one_call.accuracies(state, [2, 0]) == per_task.accuracies(state, [2, 0])
+        for metric in ("accuracy", "loss"):
+            np.testing.assert_allclose(one_call.evaluate(state, range(seen), metric),
+                                       per_task.evaluate(state, range(seen))[metric],
+                                       rtol=1e-6)
+    assert (one_call.evaluate(state, [2, 0], "accuracy")
+            == per_task.evaluate(state, [2, 0])["accuracy"])
     assert steps.evaluate_tasks._cache_size() == 1  # any number of tasks: one compilation
 
 

@@ -13,15 +13,8 @@ import optax
 import pytest
 
 from clax.models import make_model
-from clax.training import (
-    Batch,
-    ModelFns,
-    StepFns,
-    data_mesh,
-    make_method,
-    registered_methods,
-    train_continual,
-)
+from clax.core import Batch, ModelFns, make_method, registered_methods
+from clax.training import StepFns, data_mesh, train_continual
 from clax.training.checkpoint import Checkpointer
 from clax.training.feed import epoch_index_batches
 from tests.training.helpers import tiny_config, tiny_scenario

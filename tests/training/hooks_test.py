@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from clax.models import make_model
-from clax.training import Method, build_optimizer, train_continual
+from clax.core import Method, chain_around
+from clax.training import build_optimizer, train_continual
 from tests.training.helpers import tiny_config, tiny_scenario
 
 
@@ -70,14 +71,15 @@ def test_wrapper_forwards_extra_args():
 
         return optax.GradientTransformationExtraArgs(init, update)
 
-    method = Method(name="wrapped", transform=_scale_by_factor(), wrapper=counting_wrapper,
+    method = Method(name="wrapped",
+                    optimizer=chain_around(before=_scale_by_factor(), wrap=counting_wrapper),
                     extra_args=lambda ctx: {"factor": jnp.float32(1.0)})
     R = train_continual(tiny_config(), scenario=tiny_scenario(), method=method).accuracy_matrix
     assert calls and "factor" in calls[0] and R[0, 0] > 0.9
 
 
 def test_wrapper_dropping_extra_args_is_refused():
-    method = Method(name="bad_wrapper", wrapper=lambda tx: optax.GradientTransformation(
+    method = Method(name="bad_wrapper", optimizer=lambda tx: optax.GradientTransformation(
         tx.init, lambda u, s, p=None: tx.update(u, s, p)))
     with pytest.raises(TypeError, match="forwards \\*\\*extra_args"):
         method.optimizer(optax.sgd(0.1))

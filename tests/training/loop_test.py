@@ -77,7 +77,7 @@ def test_periodic_evaluation_records_curves():
 def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from clax.training import Method
+    from clax.core import Method
 
     def consolidate(state, ctx):  # memory written at task ends, read every step
         return state._replace(memory={**state.memory, "anchor": state.params})
@@ -85,7 +85,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch)
     method = Method(
         name="counting_anchor",
         init_memory=lambda p: {"anchor": p, "seen": jnp.zeros((), jnp.int32)},
-        update_memory=lambda m, ctx, logits, p: {**m, "seen": m["seen"] + ctx.batch.y.shape[0]},
+        update_memory=lambda m, ctx, out: {**m, "seen": m["seen"] + ctx.batch.y.shape[0]},
         loss_terms=lambda p, ctx: 1e-3 * sum(
             jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
                                                   jax.tree.leaves(ctx.memory["anchor"]))),
@@ -133,7 +133,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     import jax.numpy as jnp
 
-    from clax.training import Method
+    from clax.core import Method
 
     def poison(params, ctx):  # NaN loss from task 1 on
         return jnp.where(ctx.task_index >= 1, jnp.nan, 0.0)

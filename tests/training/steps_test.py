@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from clax.models import make_model
-from clax.training import Batch, Method, ModelFns, StepFns, data_mesh, masked_cross_entropy
+from clax.core import Batch, Classification, Method, ModelFns, Replay, before, masked_cross_entropy
+from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches
 from tests.training.helpers import tiny_dataset
 
@@ -19,7 +20,8 @@ def _setup(method=None, lr=0.1, num_devices=1, masks=None):
                        widths=(16,), seed=0)
     fns, params, model_state = ModelFns.split(model)
     method = method or Method(name="plain")
-    steps = StepFns(fns, method, method.optimizer(optax.sgd(lr)), data_mesh(num_devices), masks)
+    steps = StepFns(fns, method, method.optimizer(optax.sgd(lr)), data_mesh(num_devices),
+                    Classification(logit_masks=masks))
     data = Batch(ds.x_train, ds.y_train, np.zeros_like(ds.y_train))
     return steps, steps.init_state(params, model_state, 0), data, model
 
@@ -77,10 +79,10 @@ def test_extra_args_memory_and_no_retrace():
         traces.append(1)  # runs at trace time only
         return {"factor": jnp.float32(0.0)}  # zero factor: parameters must not move
 
-    def update_memory(memory, ctx, logits, new_params):
+    def update_memory(memory, ctx, out):
         return memory + ctx.batch.y.shape[0]
 
-    method = Method(name="m", transform=scale_by_factor(), extra_args=extra_args,
+    method = Method(name="m", optimizer=before(scale_by_factor()), extra_args=extra_args,
                     init_memory=lambda p: jnp.zeros((), jnp.int32), update_memory=update_memory)
     steps, state, data, _ = _setup(method)
     p0 = jax.tree.map(np.asarray, state.params)
@@ -104,19 +106,20 @@ def test_masked_cross_entropy_restricts_to_task_classes():
     assert np.isfinite(jax.grad(lambda l: masked_cross_entropy(l, jnp.array([0]), mask))(logits)).all()
 
 
-def test_extra_batch_is_a_weighted_mean_over_the_concatenated_batch():
+def test_replay_is_a_weighted_mean_over_the_concatenated_batch():
     fixed = None  # set below: examples the hook adds every step
 
-    def extra_batch(ctx):
-        return fixed, jnp.asarray([2.0, 0.5, 0.0], jnp.float32)
+    def replay(ctx):
+        return Replay(fixed, jnp.asarray([2.0, 0.5, 0.0], jnp.float32))
 
     seen = {}
 
-    def update_memory(memory, ctx, logits, new_params):
-        seen["logits"] = logits.shape  # the current batch's logits only
+    def update_memory(memory, ctx, out):
+        seen["logits"] = out.outputs.shape  # the current batch's logits only
+        seen["grads"] = jax.tree.map(jnp.shape, out.grads)
         return memory
 
-    method = Method(name="extra", extra_batch=extra_batch, update_memory=update_memory)
+    method = Method(name="extra", replay=replay, update_memory=update_memory)
     steps, state, data, _ = _setup(method, lr=0.2)
     fixed = Batch(jnp.asarray(data.x[40:43]), jnp.asarray(data.y[40:43]),
                   jnp.asarray(data.task_ids[40:43]))
@@ -124,6 +127,7 @@ def test_extra_batch_is_a_weighted_mean_over_the_concatenated_batch():
     params = jax.tree.map(np.asarray, state.params)
     new, metrics = steps.train_step(state, steps.shard_batch(batch), 0)
     assert seen["logits"][0] == 8
+    assert seen["grads"] == jax.tree.map(np.shape, params)
 
     w = np.concatenate([np.ones(8), [2.0, 0.5, 0.0]])
     x = np.concatenate([batch.x, data.x[40:43]])
@@ -141,12 +145,39 @@ def test_extra_batch_is_a_weighted_mean_over_the_concatenated_batch():
     np.testing.assert_allclose(float(metrics.loss), float(loss(params)), rtol=1e-5)
 
 
-def test_extra_batch_with_wrong_shapes_is_refused():
-    def extra_batch(ctx):
-        b = ctx.batch
-        return Batch(b.x[:, :-1], b.y, b.task_ids), jnp.ones(b.y.shape, jnp.float32)
+def test_update_memory_sees_gradient_update_and_new_params():
+    got = {}
 
-    steps, state, data, _ = _setup(Method(name="bad_extra", extra_batch=extra_batch))
+    def update_memory(memory, ctx, out):
+        got.update(grads=out.grads, updates=out.updates, params=out.params, old=ctx.params)
+        return memory
+
+    steps, state, data, _ = _setup(Method(name="m", update_memory=update_memory), lr=0.3)
+    params0 = jax.tree.map(np.asarray, state.params)
     batch = Batch(data.x[:8], data.y[:8], data.task_ids[:8])
-    with pytest.raises(ValueError, match="'bad_extra': extra_batch must return"):
+
+    def loss(p):
+        logits = steps.model.apply(p, state.model_state, batch.x, None, train=True)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()
+
+    want = jax.grad(loss)(params0)
+    # Capture the traced values as outputs: wrap the hook's view in the step's own result.
+    def step_and_view(state, batch):
+        new, _ = steps._step(state, batch, jnp.int32(0))
+        return new, got["grads"], got["updates"], got["params"]
+
+    new, g, u, p = jax.jit(step_and_view)(state, steps.shard_batch(batch))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -0.3 * b, rtol=1e-6), u, want)
+    jax.tree.map(np.testing.assert_array_equal, p, new.params)
+
+
+def test_replay_with_wrong_shapes_is_refused():
+    def replay(ctx):
+        b = ctx.batch
+        return Replay(Batch(b.x[:, :-1], b.y, b.task_ids), jnp.ones(b.y.shape, jnp.float32))
+
+    steps, state, data, _ = _setup(Method(name="bad_extra", replay=replay))
+    batch = Batch(data.x[:8], data.y[:8], data.task_ids[:8])
+    with pytest.raises(ValueError, match="'bad_extra': replay must return"):
         steps.train_step(state, steps.shard_batch(batch), 0)

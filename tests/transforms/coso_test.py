@@ -245,9 +245,16 @@ def test_mask_and_errors():
     with pytest.raises(ValueError, match=r"coso mask selects 'b' of shape \(3,\)"):
         coso_mask(params, {"w": True, "b": True})
     assert coso_mask(params, lambda p: {"w": False, "b": False}) == {"w": False, "b": False}
-    for kwargs, msg in [({"proj_rank": 0}, "proj_rank"), ({"update_interval": 1.5},
-                        "update_interval"), ({"sketch_decay": 0.0}, "sketch_decay"),
-                        ({"rank_rtol": 1.0}, "rank_rtol")]:
+    with pytest.raises(TypeError, match=r"coso mask at 'w' must be a bool, got 1 \(int\)"):
+        coso_mask(params, {"w": 1, "b": False})
+    for kwargs, msg in [({"proj_rank": 0}, "proj_rank"), ({"sketch_decay": 0.0}, "sketch_decay"),
+                        ({"rank_rtol": 1.0}, "rank_rtol"),
+                        ({"scale": float("inf")}, "scale must be a finite number")]:
         with pytest.raises(ValueError, match=msg):
+            coso(**kwargs)
+    for kwargs, msg in [({"update_interval": 1.5}, r"update_interval must be a positive int, "
+                         r"got 1.5 \(float\)"), ({"scale": "2"}, "scale must be a finite number"),
+                        ({"sketch_decay": None}, r"sketch_decay must be a number in \(0.0, 1.0\]")]:
+        with pytest.raises(TypeError, match=msg):
             coso(**kwargs)
     assert isinstance(state, CoSOState)

@@ -177,7 +177,13 @@ def test_errors_name_the_argument_and_leaf():
     with pytest.raises(ValueError, match=r"retain_grads at 'dense/bias' has shape \(3,\); expected "
                                          r"\(k, 3\)"):
         span.update(g, span.init(g), None, retain_grads=g)
-    for kwargs, msg in [({"subspace": "rank2"}, "subspace"), ({"geometry": "sgd"}, "geometry"),
-                        ({"b2": 1.0}, "b2"), ({"gamma": "1"}, "gamma")]:
-        with pytest.raises((ValueError, TypeError), match=msg):
+    for kwargs, msg in [({"subspace": "rank2"}, r"subspace must be one of \['mean', 'span'\]"),
+                        ({"geometry": "sgd"}, "geometry"), ({"b2": 1.0}, "b2"),
+                        ({"eps": -1e-8}, "eps must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            geometric_disentanglement(**kwargs)
+    for kwargs, msg in [({"gamma": "1"}, r"gamma must be a finite number, got '1' \(str\)"),
+                        ({"subspace": None}, "subspace must be one of"),
+                        ({"alpha": True}, "alpha must be a finite number")]:
+        with pytest.raises(TypeError, match=msg):
             geometric_disentanglement(**kwargs)

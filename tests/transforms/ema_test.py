@@ -297,15 +297,27 @@ def test_preserves_low_precision_dtypes():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"decay": 1.0}, "decay must be a float in \\[0, 1\\)"),
+        ({"decay": 1.0}, "decay must be a number in \\[0.0, 1.0\\)"),
         ({"decay": -0.1}, "decay must be"),
-        ({"fallback_rate": 0.0}, "fallback_rate must be a float in \\(0, 1\\)"),
+        ({"fallback_rate": 0.0}, "fallback_rate must be a number in \\(0.0, 1.0\\)"),
         ({"fallback_rate": 1.0}, "fallback_rate must be"),
-        ({"adaptive": 1}, "adaptive must be a bool"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        ema_balancing(optax.sgd(0.1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"adaptive": 1}, r"adaptive must be a bool, got 1 \(int\)"),
+        ({"decay": "0.9"}, r"decay must be a number in \[0.0, 1.0\), got '0.9' \(str\)"),
+        ({"fallback_rate": None}, "fallback_rate must be a number"),
+    ],
+)
+def test_wrong_hyperparameter_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         ema_balancing(optax.sgd(0.1), **kwargs)
 
 

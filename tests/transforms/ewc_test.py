@@ -129,3 +129,13 @@ def test_bad_input_names_the_leaf_path():
         consolidate_ewc(memory, negative, PARAMS, mode="online")
     with pytest.raises(ValueError, match="mode"):
         init_ewc_memory(PARAMS, mode="sum")
+    with pytest.raises(TypeError, match=r"mode must be one of \['separate', 'online'\]"):
+        init_ewc_memory(PARAMS, mode=1)
+    with pytest.raises(TypeError, match=r"decay \(γ\) must be a number in \[0.0, 1.0\]"):
+        consolidate_ewc(memory, FISHER, PARAMS, mode="online", decay=None)
+    with pytest.raises(TypeError, match="lam"):
+        ewc_penalty(lam=True)
+    with pytest.raises(ValueError, match="ewc_penalty needs the current parameters"):
+        tx.update(GRADS, state, None, fisher=FISHER, anchor=ANCHOR)
+    with pytest.raises(ValueError, match="l2_penalty needs the current parameters"):
+        l2_penalty(lam=1.0).update(GRADS, state, anchor=ANCHOR)

@@ -146,3 +146,5 @@ def test_bad_input_errors(setup):
         tx.update(grads, tx.init(grads), bases={"dense": {"kernel": jnp.zeros((6, 6))}})
     with pytest.raises(ValueError, match="rank_buckets must be a positive int"):
         subspace_projection(rank_buckets=0)
+    with pytest.raises(TypeError, match=r"rank_buckets must be a positive int, got 2.0 \(float"):
+        subspace_projection(rank_buckets=2.0)

@@ -14,31 +14,39 @@ from typing import Any
 import jax
 from flax import nnx
 
-from clax.models import capture_layer_inputs
-
-PyTree = Any
+from clax.models.capture import capture_layer_inputs
+from clax.typing import PyTree
 
 
 def _pure(state: nnx.State) -> PyTree:
     return nnx.to_pure_dict(state)
 
 
+def _optional(model: nnx.Module, name: str, cast):
+    value = getattr(model, name, None)
+    return None if value is None else cast(value)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelFns:
     """Functional view of an NNX model: `apply`, `features`, `layer_inputs`.
 
+    Any NNX module whose ``__call__`` takes ``(x, task_ids)`` works; the attributes below
+    are read from the module when it has them (clax's image models do) and are None
+    otherwise (a language model takes sequences of any length).
+
     Attributes:
       graphdef_train: graph of the module in training mode (BatchNorm uses batch stats).
       graphdef_eval: the same module in evaluation mode (running averages).
-      input_shape: the (H, W, C) the model accepts.
-      num_classes: size of the output layer.
+      input_shape: the shape of one input the model accepts (e.g. (H, W, C)), or None.
+      num_classes: size of the output layer, or None.
       num_tasks: number of heads (1 = single head).
     """
 
     graphdef_train: Any
     graphdef_eval: Any
-    input_shape: tuple[int, ...]
-    num_classes: int
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
     num_tasks: int
 
     @classmethod
@@ -56,9 +64,9 @@ class ModelFns:
         fns = cls(
             graphdef_train=graphdef_train,
             graphdef_eval=graphdef_eval,
-            input_shape=tuple(model.input_shape),
-            num_classes=int(model.num_classes),
-            num_tasks=int(model.num_tasks),
+            input_shape=_optional(model, "input_shape", tuple),
+            num_classes=_optional(model, "num_classes", int),
+            num_tasks=_optional(model, "num_tasks", int) or 1,
         )
         return fns, _pure(params), _pure(rest)
 
@@ -76,7 +84,7 @@ class ModelFns:
         *,
         train: bool,
     ) -> tuple[jax.Array, PyTree]:
-        """Forward pass; returns (logits, updated model_state)."""
+        """Forward pass; returns (outputs, updated model_state)."""
         model = self.module(params, model_state, train=train)
         logits = model(x, task_ids)
         if not train:
@@ -85,8 +93,12 @@ class ModelFns:
         return logits, _pure(rest)
 
     def features(self, params: PyTree, model_state: PyTree, x: jax.Array) -> jax.Array:
-        """Penultimate features in evaluation mode, shape (B, D)."""
-        return self.module(params, model_state, train=False).features(x)
+        """Penultimate features in evaluation mode, shape (B, D) (``module.features``)."""
+        module = self.module(params, model_state, train=False)
+        if not hasattr(module, "features"):
+            raise TypeError(f"{type(module).__name__} has no features(x) method; prototype "
+                            "and closed-form heads need one")
+        return module.features(x)
 
     def layer_inputs(
         self, params: PyTree, model_state: PyTree, x: jax.Array, task_ids: jax.Array | None = None
