@@ -18,144 +18,98 @@ optimizer and any Flax model. Subpackages:
 - `clax.methods`: the registered `Method`s (build them with `make_method(name)`).
 """
 
-from clax import (
-    analytic,
-    core,
-    data,
-    edits,
-    fisher,
-    metrics,
-    models,
-    params,
-    replay,
-    subspace,
-    training,
-    transforms,
-    unlearning,
-)
-from clax.core import (
-    Batch,
-    Classification,
-    LanguageModeling,
-    Method,
-    Replay,
-    TrainState,
-    after,
-    around,
-    before,
-    chain_around,
-    make_method,
-    register_method,
-    registered_methods,
-)
-from clax.data import Scenario, Task, load_source, make_scenario
-from clax.edits import (
-    average,
-    averaged_params,
-    interpolate,
-    lines_merge,
-    lines_scale,
-    ssd_dampen,
-    ssd_search_alpha,
-    weight_averaging,
-)
-from clax.fisher import diagonal_fisher
-from clax.methods import adaptive_ema, ema, lines, slow_learner
-from clax.methods import weight_averaging as weight_averaging_method
-from clax.models import capture_layer_inputs, make_model
-from clax.params import (
-    block_depths,
-    fisher_importance_mask,
-    half_fine_tuning_mask,
-    head_backbone_labels,
-    kappatune_mask,
-    label_params,
-    train_only,
-)
-from clax.subspace import SubspaceBasis, empty_basis, grow_basis, project_out
-from clax.training import default_config, train_continual
-from clax.unlearning import gradient_ascent_loss, npo_loss
-from clax.transforms import (
-    agem,
-    coso,
-    ema_balancing,
-    ema_params,
-    ewc_penalty,
-    geometric_disentanglement,
-    l2_penalty,
-    subspace_projection,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Batch",
-    "Classification",
-    "LanguageModeling",
-    "Method",
-    "Replay",
-    "Scenario",
-    "SubspaceBasis",
-    "Task",
-    "TrainState",
-    "adaptive_ema",
-    "after",
-    "agem",
-    "around",
-    "analytic",
-    "average",
-    "averaged_params",
-    "before",
-    "block_depths",
-    "capture_layer_inputs",
-    "chain_around",
-    "core",
-    "coso",
-    "data",
-    "default_config",
-    "diagonal_fisher",
-    "edits",
-    "ema",
-    "ema_balancing",
-    "ema_params",
-    "empty_basis",
-    "ewc_penalty",
-    "fisher",
-    "fisher_importance_mask",
-    "geometric_disentanglement",
-    "gradient_ascent_loss",
-    "grow_basis",
-    "half_fine_tuning_mask",
-    "head_backbone_labels",
-    "interpolate",
-    "kappatune_mask",
-    "l2_penalty",
-    "label_params",
-    "lines",
-    "lines_merge",
-    "lines_scale",
-    "load_source",
-    "make_method",
-    "make_model",
-    "make_scenario",
-    "metrics",
-    "models",
-    "npo_loss",
-    "params",
-    "project_out",
-    "register_method",
-    "registered_methods",
-    "replay",
-    "slow_learner",
-    "ssd_dampen",
-    "ssd_search_alpha",
-    "subspace",
-    "subspace_projection",
-    "train_continual",
-    "train_only",
-    "training",
-    "transforms",
-    "unlearning",
-    "weight_averaging",
-    "weight_averaging_method",
-]
+# Subpackages and the public names re-exported here, imported on first use: `import clax`
+# is cheap, and importing one leaf module (e.g. the pure-numpy `clax.metrics.continual`)
+# does not load the rest of the package.
+_SUBPACKAGES = ('analytic', 'core', 'data', 'edits', 'fisher', 'methods', 'metrics', 'models', 'params', 'replay', 'subspace', 'training', 'transforms', 'unlearning',)
+_EXPORTS = {
+    'adaptive_ema': ('clax.methods', 'adaptive_ema'),
+    'after': ('clax.core', 'after'),
+    'agem': ('clax.transforms', 'agem'),
+    'around': ('clax.core', 'around'),
+    'average': ('clax.edits', 'average'),
+    'averaged_params': ('clax.edits', 'averaged_params'),
+    'Batch': ('clax.core', 'Batch'),
+    'before': ('clax.core', 'before'),
+    'block_depths': ('clax.params', 'block_depths'),
+    'capture_layer_inputs': ('clax.models', 'capture_layer_inputs'),
+    'chain_around': ('clax.core', 'chain_around'),
+    'Classification': ('clax.core', 'Classification'),
+    'coso': ('clax.transforms', 'coso'),
+    'default_config': ('clax.training', 'default_config'),
+    'diagonal_fisher': ('clax.fisher', 'diagonal_fisher'),
+    'ema': ('clax.methods', 'ema'),
+    'ema_balancing': ('clax.transforms', 'ema_balancing'),
+    'ema_params': ('clax.transforms', 'ema_params'),
+    'empty_basis': ('clax.subspace', 'empty_basis'),
+    'ewc_penalty': ('clax.transforms', 'ewc_penalty'),
+    'fisher_importance_mask': ('clax.params', 'fisher_importance_mask'),
+    'geometric_disentanglement': ('clax.transforms', 'geometric_disentanglement'),
+    'gradient_ascent_loss': ('clax.unlearning', 'gradient_ascent_loss'),
+    'grow_basis': ('clax.subspace', 'grow_basis'),
+    'half_fine_tuning_mask': ('clax.params', 'half_fine_tuning_mask'),
+    'head_backbone_labels': ('clax.params', 'head_backbone_labels'),
+    'interpolate': ('clax.edits', 'interpolate'),
+    'kappatune_mask': ('clax.params', 'kappatune_mask'),
+    'l2_penalty': ('clax.transforms', 'l2_penalty'),
+    'label_params': ('clax.params', 'label_params'),
+    'LanguageModeling': ('clax.core', 'LanguageModeling'),
+    'lines': ('clax.methods', 'lines'),
+    'lines_merge': ('clax.edits', 'lines_merge'),
+    'lines_scale': ('clax.edits', 'lines_scale'),
+    'load_source': ('clax.data', 'load_source'),
+    'make_method': ('clax.core', 'make_method'),
+    'make_model': ('clax.models', 'make_model'),
+    'make_scenario': ('clax.data', 'make_scenario'),
+    'Method': ('clax.core', 'Method'),
+    'npo_loss': ('clax.unlearning', 'npo_loss'),
+    'project_out': ('clax.subspace', 'project_out'),
+    'register_method': ('clax.core', 'register_method'),
+    'registered_methods': ('clax.core', 'registered_methods'),
+    'Replay': ('clax.core', 'Replay'),
+    'Scenario': ('clax.data', 'Scenario'),
+    'slow_learner': ('clax.methods', 'slow_learner'),
+    'ssd_dampen': ('clax.edits', 'ssd_dampen'),
+    'ssd_search_alpha': ('clax.edits', 'ssd_search_alpha'),
+    'subspace_projection': ('clax.transforms', 'subspace_projection'),
+    'SubspaceBasis': ('clax.subspace', 'SubspaceBasis'),
+    'Task': ('clax.data', 'Task'),
+    'train_continual': ('clax.training', 'train_continual'),
+    'train_only': ('clax.params', 'train_only'),
+    'TrainState': ('clax.core', 'TrainState'),
+    'weight_averaging': ('clax.edits', 'weight_averaging'),
+    'weight_averaging_method': ('clax.methods', 'weight_averaging'),
+}
+
+# Names whose use needs every built-in method registered (the registry lives in clax.core,
+# which must not import the methods above it).
+_NEEDS_METHODS = frozenset({"make_method", "registered_methods", "default_config",
+                            "train_continual"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        module = importlib.import_module(f"clax.{name}")
+    elif name in _EXPORTS:
+        if name in _NEEDS_METHODS:
+            importlib.import_module("clax.methods")
+        module_name, attr = _EXPORTS[name]
+        module = getattr(importlib.import_module(module_name), attr)
+    else:
+        raise AttributeError(f"module 'clax' has no attribute {name!r}")
+    globals()[name] = module  # later lookups skip __getattr__
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBPACKAGES, *_EXPORTS])
+
+
+__all__ = sorted([*_SUBPACKAGES, *_EXPORTS], key=str.lower)

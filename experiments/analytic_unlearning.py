@@ -8,42 +8,53 @@ Features: a **fixed random ReLU expansion of the raw pixels**, ``ReLU(x · P)`` 
 ``P ~ U(±1/√(H·W·C))`` of width ``--buffer_size`` (ACIL's buffer layer applied to the
 pixels; no backbone is trained, so every number is deterministic given the seed).
 
-1. The tasks of the class-incremental benchmark are learned one after another with
-   :func:`clax.analytic.rls.learn` (recursive least squares, batches of ``--batch_size``);
-   the accuracy matrix after each task gives ACC / BWT / forgetting.
-2. Every training example of ``--forget_class`` is unlearned with
-   :func:`clax.analytic.rls.unlearn` (the ACU downdate), with the checks of the public
-   function (class counts, positive-definite downdate).
-3. The reference: ridge regression refit from scratch on the retained training data
-   (:func:`clax.analytic.rls.fit`, one Cholesky solve). The unlearned weights are compared
-   with it (max and relative differences of ``W``; identical test predictions).
+Everything runs through the unlearning driver (`clax.training.unlearn`) with the recipe of
+``experiments/configs/unlearn_acu_fmnist.py``:
+
+1. The tasks of the class-incremental benchmark are learned one after another by the
+   continual method ``acil`` (`clax.training.train_continual`) on a model with no hidden
+   layer (its features are the pixels; its own head, trained on task 0, is not used):
+   recursive least squares (:func:`clax.analytic.rls.learn`, 1024-row batches) at each
+   task end; the accuracy matrix after each task gives ACC / BWT / forgetting. With
+   ``--dtype=float64`` the method's memory is float64 (:func:`acil_method`).
+2. Every training example of ``--forget_class`` is unlearned by the driver's ``acu``
+   unlearner: :func:`clax.analytic.rls.unlearn` (the ACU downdate, batches of
+   ``--batch_size``), with the checks of the public function (class counts,
+   positive-definite downdate).
+3. The reference (``reference="closed_form"``): ridge regression refit from scratch on the
+   retained training data (:func:`clax.analytic.rls.fit`, one Cholesky solve). The
+   unlearned weights are compared with it (max and relative differences of ``W``;
+   identical test predictions).
 4. Forget / retain accuracy and the membership-inference score come from
    :func:`clax.metrics.unlearning.unlearning_metrics` for the model before unlearning, after
    ACU and after the refit, with the gap of ACU to the refit.
 5. Time: median over ``--repeats`` of the exact unlearning versus the refit from scratch,
-   both compiled beforehand (a warm-up call), results waited for.
+   both compiled beforehand (a first call), results waited for; both include embedding
+   the examples (the identity here). The learning time is the whole ``acil`` run.
 
 Writes ``<out>.json`` and ``<out>.md`` (``--out=''`` writes nothing).
 """
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import sys
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 
-from clax import metrics as clax_metrics
 from clax.analytic import rls
-from clax.metrics.unlearning import UnlearningSplit, reference_gap, unlearning_metrics
-from clax.training import build_scenario, default_config
+from clax.core import Method, make_method
+from clax.metrics.unlearning import reference_gap
+from clax.training import build_scenario
+from clax.training.unlearn import continual_config, unlearn
 from experiments.bench.common import device_description, write_json
 from experiments.configs.benchmarks import use_benchmark
+from experiments.configs.unlearn_acu_fmnist import get_config as get_acu_config
 
 FLAGS = flags.FLAGS
 
@@ -67,68 +78,74 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32).reshape(len(x), -1)
 
 
-def _timed(fn, repeats: int) -> tuple[Any, list[float]]:
-    """Result of a warm-up call (compiles) and the times of `repeats` further calls."""
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return out, times
+_METRICS = ("forget_train_acc", "retain_train_acc", "forget_test_acc", "retain_test_acc", "mia")
+
+
+def unlearn_config(*, benchmark: str, forget_class: int, buffer_size: int, gamma: float,
+                   dtype: str, batch_size: int, repeats: int, seed: int
+                   ) -> ml_collections.ConfigDict:
+    """The driver's config (``experiments/configs/unlearn_acu_fmnist.py``) for these flags."""
+    c = get_acu_config()
+    use_benchmark(c, benchmark)
+    c.name = f"analytic_unlearning/{benchmark}"
+    c.method.acil.gamma = gamma
+    c.method.acil.buffer_size = buffer_size
+    c.method.acil.buffer_seed = seed
+    c.unlearn.acu.batch_size = batch_size
+    c.unlearn.forget_classes = (forget_class,)
+    c.unlearn.repeats = repeats
+    c.unlearn.x64 = dtype == "float64"
+    return c
+
+
+def acil_method(*, gamma: float, buffer_size: int, seed: int, dtype: str) -> Method:
+    """``acil`` with its recursive-least-squares memory in `dtype`.
+
+    The registered ``acil`` keeps float32 memory; ACIL (and the exactness checks here)
+    computes in float64, so for ``dtype="float64"`` its ``init_memory`` is replaced by the
+    same state in float64 (run under ``jax.enable_x64``).
+    """
+    base = make_method("acil", gamma=gamma, buffer_size=buffer_size, buffer_seed=seed)
+    if dtype == "float32":
+        return base
+
+    def init_memory(params) -> rls.RLSState:
+        d, c = np.shape(params["head"]["kernel"])
+        return rls.init(int(d), int(c), gamma=gamma, buffer_size=buffer_size,
+                        key=jax.random.key(seed), dtype=jnp.dtype(dtype))
+
+    return dataclasses.replace(base, init_memory=init_memory)
 
 
 def run(*, benchmark: str = "split_fmnist", forget_class: int = 0, buffer_size: int = 2048,
         gamma: float = 0.1, dtype: str = "float64", batch_size: int = 1024, repeats: int = 3,
         seed: int = 0) -> dict[str, Any]:
-    """Runs the experiment; returns the summary (see the module docstring)."""
-    config = use_benchmark(default_config(), benchmark)
-    scenario = build_scenario(config)
+    """Runs the experiment through the unlearning driver; returns the summary (see the
+    module docstring)."""
+    config = unlearn_config(benchmark=benchmark, forget_class=forget_class,
+                            buffer_size=buffer_size, gamma=gamma, dtype=dtype,
+                            batch_size=batch_size, repeats=repeats, seed=seed)
+    scenario = build_scenario(continual_config(config))
     if scenario.kind != "class_incremental":
         raise ValueError(f"benchmark {benchmark!r} is {scenario.kind}; use a class-incremental one")
     if not 0 <= forget_class < scenario.num_classes:
         raise ValueError(f"forget_class must be in [0, {scenario.num_classes}), got {forget_class}")
     with jax.enable_x64(dtype == "float64"):
-        return _run(scenario, benchmark=benchmark, forget_class=forget_class,
-                    buffer_size=buffer_size, gamma=gamma, dtype=dtype, batch_size=batch_size,
-                    repeats=repeats, seed=seed)
+        res = unlearn(config, scenario=scenario,
+                      method=acil_method(gamma=gamma, buffer_size=buffer_size, seed=seed,
+                                         dtype=dtype))
+        return _summary(res, scenario, benchmark=benchmark, forget_class=forget_class,
+                        buffer_size=buffer_size, gamma=gamma, dtype=dtype,
+                        batch_size=batch_size, seed=seed)
 
 
-def _run(scenario, *, benchmark, forget_class, buffer_size, gamma, dtype, batch_size, repeats,
-         seed) -> dict[str, Any]:
-    tasks = scenario.tasks
+def _summary(res, scenario, *, benchmark, forget_class, buffer_size, gamma, dtype, batch_size,
+             seed) -> dict[str, Any]:
     d_in = int(np.prod(scenario.input_shape))
-    state = rls.init(d_in, scenario.num_classes, gamma=gamma, buffer_size=buffer_size,
-                     key=jax.random.key(seed), dtype=jnp.dtype(dtype))
-
-    def accuracy(s, x, y):
-        return float(np.mean(np.asarray(rls.predict(s, _flat(x))).argmax(1) == y))
-
-    # 1. Learn the tasks in order.
-    baseline = [accuracy(state, t.x_test, t.y_test) for t in tasks]
-    rows, learn_s = [], 0.0
-    for task in tasks:
-        start = time.perf_counter()
-        state = jax.block_until_ready(
-            rls.learn(state, _flat(task.x_train), task.y_train, batch_size=batch_size))
-        learn_s += time.perf_counter() - start
-        rows.append([accuracy(state, t.x_test, t.y_test) for t in tasks])
-    R = np.asarray(rows)
-    summary = clax_metrics.summarize(R, np.asarray(baseline))
-
-    x_train = _flat(np.concatenate([t.x_train for t in tasks]))
-    y_train = np.concatenate([t.y_train for t in tasks])
-    x_test = _flat(np.concatenate([t.x_test for t in tasks]))
-    y_test = np.concatenate([t.y_test for t in tasks])
-    forget = y_train == forget_class
-    retain = ~forget
-
-    # 2. Exact unlearning (ACU) and 3. the refit from scratch, timed.
-    unlearned, unlearn_times = _timed(
-        lambda: rls.unlearn(state, x_train[forget], y_train[forget], batch_size=batch_size),
-        repeats)
-    refit, refit_times = _timed(lambda: rls.fit(state, x_train[retain], y_train[retain],
-                                                chunk_size=4096), repeats)
+    learned = res.original
+    R, baseline = learned.matrix, learned.baseline
+    unlearned, refit = res.state.memory, res.reference.memory
+    x_test = _flat(np.concatenate([t.x_test for t in scenario.tasks]))
     w_acu = np.asarray(unlearned.weights, np.float64)
     w_ref = np.asarray(refit.weights, np.float64)
     weights = {
@@ -143,23 +160,10 @@ def _run(scenario, *, benchmark, forget_class, buffer_size, gamma, dtype, batch_
             np.asarray(rls.predict(unlearned, x_test)).argmax(1)
             == np.asarray(rls.predict(refit, x_test)).argmax(1))),
     }
-
-    # 4. Unlearning metrics (accuracies are fractions in [0, 1]).
-    test_forget = y_test == forget_class
-    split = UnlearningSplit(
-        forget_train=(x_train[forget], y_train[forget]),
-        retain_train=(x_train[retain], y_train[retain]),
-        forget_test=(x_test[test_forget], y_test[test_forget]),
-        retain_test=(x_test[~test_forget], y_test[~test_forget]),
-    )
-
-    def metrics_of(s):
-        return unlearning_metrics(lambda x: np.asarray(rls.predict(s, x)), split,
-                                  batch_size=4096)
-
-    metrics = {"before": metrics_of(state), "acu": metrics_of(unlearned),
-               "refit": metrics_of(refit)}
-    med = statistics.median
+    metrics = {name: {k: m[k] for k in _METRICS} for name, m in (
+        ("before", res.original_metrics), ("acu", res.metrics), ("refit", res.reference_metrics))}
+    t = res.times
+    unlearn_times, refit_times = t.get("unlearn_repeats_s") or [], t.get("reference_repeats_s") or []
     return {
         "benchmark": benchmark,
         "scenario": scenario.name,
@@ -170,16 +174,17 @@ def _run(scenario, *, benchmark, forget_class, buffer_size, gamma, dtype, batch_
         "dtype": dtype,
         "batch_size": batch_size,
         "forget_class": forget_class,
-        "num_forget_train": int(forget.sum()),
-        "num_retain_train": int(retain.sum()),
-        "learning": {"accuracy_matrix": R.tolist(), "baseline": baseline, **summary,
-                     "learn_time_s_all_tasks": learn_s},
+        "num_forget_train": res.sizes["forget_train"],
+        "num_retain_train": res.sizes["retain_train"],
+        "learning": {"accuracy_matrix": R.tolist(), "baseline": baseline.tolist(),
+                     **{k: learned.summary[k] for k in ("acc", "bwt", "forgetting")},
+                     "learn_time_s_all_tasks": learned.train_time_s},
         "weights_vs_refit": weights,
         "metrics": metrics,
         "acu_gap_to_refit": reference_gap(metrics["acu"], metrics["refit"]),
-        "time_s": {"unlearn_median": med(unlearn_times), "refit_median": med(refit_times),
+        "time_s": {"unlearn_median": t["unlearn_s"], "refit_median": t["reference_s"],
                    "unlearn": unlearn_times, "refit": refit_times,
-                   "refit_over_unlearn": med(refit_times) / med(unlearn_times)},
+                   "refit_over_unlearn": t["reference_s"] / t["unlearn_s"]},
         "device": device_description(),
         "jax": jax.__version__,
     }

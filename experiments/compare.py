@@ -17,6 +17,7 @@ import time
 import ml_collections
 
 from clax import metrics as clax_metrics
+from clax.core import registered_methods
 from clax.training import default_config, train_continual
 
 
@@ -58,8 +59,6 @@ def _check_no_top_level_data(config: ml_collections.ConfigDict) -> None:
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs every (benchmark, method) pair; returns the rows of the results table."""
-    from clax.core import registered_methods
-
     _check_no_top_level_data(config)
     benchmarks = _names(config.compare.benchmarks, "benchmarks", set(config.benchmarks))
     methods = _names(config.compare.methods, "methods", set(registered_methods()))
@@ -69,7 +68,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[dict
         for method in methods:
             result = train_continual(run_config(config, bench, method),
                                      os.path.join(workdir, bench, method))
-            rows.append({"benchmark": bench, "method": method, **result.summary,
+            rows.append({"benchmark": bench, "method": method, "metric": result.metric,
+                         **result.summary,
                          "train_time_s": result.train_time_s})
     table = clax_metrics.results_table(rows)
     os.makedirs(workdir, exist_ok=True)

@@ -105,7 +105,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
         row.update(stability.stability_summary(curves["points"]))
     if curves:
         curves["total_steps"] = extra.get("total_steps") or max(p[0] for p in curves["points"])
-    return {"row": row, "R": np.asarray(data["accuracy_matrix"]), "curves": curves}
+    return {"row": row, "R": np.asarray(data["metric_matrix"]), "curves": curves}
 
 
 def task_progress(steps: np.ndarray, boundaries: Sequence[int], total_steps: int) -> np.ndarray:

@@ -87,7 +87,8 @@ def main(argv):
         if FLAGS.traceback:
             raise
         sys.exit(f"error: {e}\n(rerun with --traceback for the full stack)")
-    row = {"benchmark": config.name, "method": config.method.name, **result.summary,
+    row = {"benchmark": config.name, "method": config.method.name, "metric": result.metric,
+           **result.summary,
            "train_time_s": result.train_time_s}
     print()
     print(clax_metrics.results_table([row]))

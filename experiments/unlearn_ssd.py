@@ -26,8 +26,16 @@ sensitivity table: SSD from the same original model at every (Fisher granularity
 size, α), which shows why α = 10 is not a universal setting (see ``clax.edits.ssd``).
 
 Times: ``ssd_s`` is the whole SSD edit (both Fisher passes and the dampening) measured on a
-second, compiled run; ``ssd_first_s`` includes compilation. ``retrain_s`` is the training
-time of the reference (compilation included, like ``train_s`` of the original).
+second, compiled run; ``ssd_first_s`` includes compilation. ``search_s`` is the α search
+alone (after its Fisher passes). ``retrain_s`` is the training time of the reference
+(compilation included, like ``train_s`` of the original).
+
+Steps 1-5 run through the unlearning driver (`clax.training.unlearn`): the original and
+the reference are trained by `clax.training.train_continual` (one task holding every
+class, host-fed steps), SSD and the α search are the driver's ``ssd`` unlearner configured
+by ``experiments/configs/unlearn_ssd_fmnist.py``, which reproduces one class with
+``python -m experiments.unlearn``. The sensitivity sweep reuses the driver's original
+model and calls the building blocks directly (it caches the Fishers across α values).
 """
 
 from __future__ import annotations
@@ -35,23 +43,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from absl import app, flags
 
-from clax.data import load_source
-from clax.edits import ssd_dampen, ssd_search_alpha
+from clax.core import ModelFns
+from clax.edits import ssd_dampen
 from clax.fisher import diagonal_fisher
 from clax.metrics.unlearning import UnlearningSplit, reference_gap, unlearning_metrics
-from clax.models import make_model
-from clax.core import ModelFns, TrainArrays, make_method
-from clax.training import StepFns, data_mesh
-from clax.training.feed import epoch_index_batches, host_batches
+from clax.training import build_scenario
+from clax.training.unlearn import continual_config, forget_sets, train_original, unlearn
+from experiments.configs.unlearn_ssd_fmnist import get_config as get_ssd_config
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -85,40 +91,28 @@ class Settings:
     search_target: float = 0.01
 
 
-def _subsample(x, y, n, seed):
-    if not n or n >= len(y):
-        return x, y
-    idx = np.sort(np.random.default_rng(seed).permutation(len(y))[:n])
-    return x[idx], y[idx]
-
-
-def load_data(s: Settings):
-    ds = load_source("digits") if s.data == "digits" else load_source(
-        "idx", root=s.root, name=s.data)
-    xtr, ytr = _subsample(ds.x_train, ds.y_train, s.train_subsample, s.seed)
-    xte, yte = _subsample(ds.x_test, ds.y_test, s.test_subsample, s.seed + 1)
-    return xtr, ytr, xte, yte, ds.num_classes
-
-
-def train(s: Settings, x: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int):
-    """Trains a fresh SmallCNN with Adam; returns ``(fns, params, model_state, seconds)``."""
-    model = make_model("cnn", input_shape=x.shape[1:], num_classes=num_classes,
-                       channels=s.channels, hidden=s.hidden, seed=seed)
-    fns, params, model_state = ModelFns.split(model)
-    method = make_method("finetune")
-    steps = StepFns(fns, method, method.optimizer(optax.adam(s.learning_rate)), data_mesh(1))
-    start = time.perf_counter()
-    state = steps.init_state(params, model_state, seed)
-    data = TrainArrays(x, y, np.zeros(len(y), np.int32))
-    # One jitted step per batch (not the loop's on-device `run_chunk`): XLA:CPU runs
-    # convolutions inside a while loop an order of magnitude slower.
-    for epoch in range(s.epochs):
-        idx = epoch_index_batches(len(y), s.batch_size, seed=seed, task_index=0, epoch=epoch)
-        for batch in host_batches(data, idx):
-            state, _ = steps.train_step(state, steps.shard_batch(batch), np.int32(0))
-    jax.block_until_ready(state.params)
-    seconds = time.perf_counter() - start
-    return fns, state.params, state.model_state, seconds
+def unlearn_config(s: Settings, forget_class: int, *, search: bool = False
+                   ) -> ml_collections.ConfigDict:
+    """The driver's config (``experiments/configs/unlearn_ssd_fmnist.py``) for `s`."""
+    c = get_ssd_config(f"{forget_class}" + (",search" if search else ""))
+    c.name = f"unlearn_ssd/{forget_class}" + ("/search" if search else "")
+    c.seed = s.seed
+    if s.data == "digits":
+        c.data.source, c.data.root, c.data.name = "digits", None, None
+    else:
+        c.data.root, c.data.name = s.root, s.data
+    c.scenario.seed = s.seed
+    c.scenario.max_train_per_task = s.train_subsample or None
+    c.scenario.max_test_per_task = s.test_subsample or None
+    c.model.cnn.channels, c.model.cnn.hidden = tuple(s.channels), s.hidden
+    c.optimizer.learning_rate = s.learning_rate
+    c.train.epochs_per_task, c.train.batch_size = s.epochs, s.batch_size
+    u = c.unlearn
+    u.ssd.alpha, u.ssd.lam, u.ssd.fisher_batch_size = s.alpha, s.lam, s.fisher_batch_size
+    if search:
+        u.ssd.search_target = s.search_target
+        u.repeats = 0  # the search's time is its first run (as the α-search row reports)
+    return c
 
 
 def make_predict(fns: ModelFns, params, model_state):
@@ -133,31 +127,12 @@ def importances(fns, params, model_state, x, y, *, granularity="batch", batch_si
                            batch_size=batch_size)
 
 
-def ssd_unlearn(s: Settings, fns, params, model_state, x_full, y_full, x_forget, y_forget):
-    """SSD's importances (batch-granularity empirical Fisher) and the dampening edit."""
-    fisher_full = importances(fns, params, model_state, x_full, y_full,
-                              batch_size=s.fisher_batch_size)
-    fisher_forget = importances(fns, params, model_state, x_forget, y_forget,
-                                batch_size=s.fisher_batch_size)
-    new_params, report = ssd_dampen(params, fisher_full, fisher_forget, alpha=s.alpha,
-                                    lam=s.lam)
-    jax.block_until_ready(new_params)
-    return new_params, report, fisher_full, fisher_forget
-
-
-def search_alpha(s: Settings, fns, params, model_state, fisher_full, fisher_forget,
-                 x_forget, y_forget):
-    """``ssd_search_alpha`` judged by forget-*train* accuracy only (no retain/test data)."""
-    def forget_accuracy(new_params):
-        return float(np.mean(make_predict(fns, new_params, model_state)(x_forget).argmax(-1)
-                             == y_forget))
-
-    return ssd_search_alpha(params, fisher_full, fisher_forget, lam=s.lam,
-                            forget_accuracy=forget_accuracy, target=s.search_target)
+_METRICS = ("forget_train_acc", "retain_train_acc", "forget_test_acc", "retain_test_acc", "mia")
 
 
 def _pct(m: dict[str, float]) -> dict[str, float]:
-    return {k: round(100 * v, 2) for k, v in m.items()}
+    keep = {*_METRICS, *(f"{k}_gap" for k in _METRICS)}
+    return {k: round(100 * v, 2) for k, v in m.items() if k in keep}
 
 
 def sweep_settings(s: Settings) -> list[tuple[str, int, float]]:
@@ -195,70 +170,67 @@ def sensitivity(s: Settings, fns, params, model_state, xtr, ytr, split: Unlearni
 
 
 def run(s: Settings) -> dict[str, Any]:
-    """Trains once, then forgets each class of ``s.forget_classes``; returns the results."""
-    xtr, ytr, xte, yte, num_classes = load_data(s)
-    fns, params, model_state, train_s = train(s, xtr, ytr, num_classes, seed=s.seed)
-    print(f"trained the original model in {train_s:.1f} s", flush=True)
-    original_predict = make_predict(fns, params, model_state)
-    results = {"settings": dataclasses.asdict(s), "train_s": train_s,
-               "num_train": len(ytr), "num_test": len(yte), "classes": []}
+    """Trains once, then forgets each class of ``s.forget_classes`` through the unlearning
+    driver (SSD, then the α search, each against the retrained reference)."""
+    if not s.forget_classes:
+        raise ValueError("forget_classes must name at least one class")
+    first = unlearn_config(s, s.forget_classes[0])
+    original = train_original(first)
+    print(f"trained the original model in {original.train_time_s:.1f} s", flush=True)
+    fns, params = original.model, original.state.params
+    model_state = original.state.model_state
+    scenario = build_scenario(continual_config(first))
+    task = scenario.tasks[0]
+    results = {"settings": dataclasses.asdict(s), "train_s": original.train_time_s,
+               "num_train": len(task.y_train), "num_test": len(task.y_test), "classes": []}
     full_cache: dict = {}
     for c in s.forget_classes:
-        f_tr, f_te = ytr == c, yte == c
-        split = UnlearningSplit((xtr[f_tr], ytr[f_tr]), (xtr[~f_tr], ytr[~f_tr]),
-                                (xte[f_te], yte[f_te]), (xte[~f_te], yte[~f_te]))
-        original = unlearning_metrics(original_predict, split)
-
-        start = time.perf_counter()
-        ssd_unlearn(s, fns, params, model_state, xtr, ytr, *split.forget_train)
-        ssd_first_s = time.perf_counter() - start
-        start = time.perf_counter()
-        new_params, report, fisher_full, fisher_forget = ssd_unlearn(
-            s, fns, params, model_state, xtr, ytr, *split.forget_train)
-        ssd_s = time.perf_counter() - start
-        unlearned = unlearning_metrics(make_predict(fns, new_params, model_state), split)
+        config = unlearn_config(s, c)
+        res = unlearn(config, scenario=scenario, original=original)
+        sets = forget_sets(config.unlearn, scenario)
+        split = UnlearningSplit(*((getattr(sets, k).x, getattr(sets, k).y)
+                                  for k in UnlearningSplit._fields))
+        info = res.info
         searched = None
         if s.search_target >= 0:
-            start = time.perf_counter()
-            found = search_alpha(s, fns, params, model_state, fisher_full, fisher_forget,
-                                 *split.forget_train)
-            search_s = time.perf_counter() - start
+            found = unlearn(unlearn_config(s, c, search=True), scenario=scenario,
+                            original=original, reference_metrics=res.reference_metrics)
+            q = found.info
             searched = {
-                "metrics": _pct(unlearning_metrics(
-                    make_predict(fns, found.params, model_state), split)),
-                "alpha": found.alpha, "reached": found.reached, "search_s": search_s,
-                "trace": [{"alpha": a, "forget_train_acc": round(100 * acc, 2),
-                           "num_dampened": n} for a, acc, n in found.trace],
-                "num_dampened": found.report.num_dampened,
-                "dampened": found.report.dampened,
+                "metrics": _pct(found.metrics), "alpha": q["alpha"],
+                "reached": q["search"]["reached"], "search_s": q["dampen_s"],
+                "trace": [{"alpha": t["alpha"], "forget_train_acc": round(
+                    100 * t["forget_train_acc"], 2), "num_dampened": t["num_dampened"]}
+                    for t in q["search"]["trace"]],
+                "num_dampened": q["num_dampened"], "dampened": q["dampened"],
             }
-            print(f"  α search: α = {found.alpha:g} (reached: {found.reached}), forget test "
-                  f"{searched['metrics']['forget_test_acc']:.1f}, retain test "
-                  f"{searched['metrics']['retain_test_acc']:.1f}, {search_s:.1f} s", flush=True)
-
-        r_fns, r_params, r_state, retrain_s = train(s, *split.retain_train, num_classes,
-                                                    seed=s.seed)
-        retrained = unlearning_metrics(make_predict(r_fns, r_params, r_state), split)
-        print(f"class {c}: SSD {ssd_s:.1f} s (forget test acc {original['forget_test_acc']:.3f}"
-              f" -> {unlearned['forget_test_acc']:.3f}), retrained in {retrain_s:.1f} s",
-              flush=True)
+            print(f"  α search: α = {q['alpha']:g} (reached: {searched['reached']}), forget "
+                  f"test {searched['metrics']['forget_test_acc']:.1f}, retain test "
+                  f"{searched['metrics']['retain_test_acc']:.1f}, {q['dampen_s']:.1f} s",
+                  flush=True)
+        original_m, unlearned, retrained = (res.original_metrics, res.metrics,
+                                            res.reference_metrics)
+        print(f"class {c}: SSD {res.times['unlearn_s']:.1f} s (forget test acc "
+              f"{original_m['forget_test_acc']:.3f} -> {unlearned['forget_test_acc']:.3f}), "
+              f"retrained in {res.times['reference_s']:.1f} s", flush=True)
         results["classes"].append({
             "forget_class": int(c),
-            "num_forget_train": int(f_tr.sum()),
-            "original": _pct(original),
+            "num_forget_train": res.sizes["forget_train"],
+            "original": _pct(original_m),
             "ssd": _pct(unlearned),
             "retrain": _pct(retrained),
             "ssd_gap_to_retrain": _pct(reference_gap(unlearned, retrained)),
-            "original_gap_to_retrain": _pct(reference_gap(original, retrained)),
-            "ssd_s": ssd_s,
-            "ssd_first_s": ssd_first_s,
-            "retrain_s": retrain_s,
-            "dampened": report.dampened,
-            "total": report.total,
-            "num_dampened": report.num_dampened,
-            "num_params": report.num_total,
+            "original_gap_to_retrain": _pct(reference_gap(original_m, retrained)),
+            "ssd_s": res.times["unlearn_s"],
+            "ssd_first_s": res.times["unlearn_first_s"],
+            "retrain_s": res.times["reference_s"],
+            "dampened": info["dampened"],
+            "total": info["total"],
+            "num_dampened": info["num_dampened"],
+            "num_params": info["num_params"],
             "ssd_search": searched,
-            "sweep": sensitivity(s, fns, params, model_state, xtr, ytr, split, full_cache),
+            "sweep": sensitivity(s, fns, params, model_state, sets.train.x, sets.train.y, split,
+                                 full_cache),
         })
     return results
 

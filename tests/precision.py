@@ -52,13 +52,16 @@ def ridge_system(x, targets, gamma: float):
     return a, np.linalg.solve(a, x.T @ np.asarray(targets, np.float64))
 
 
-def ridge_rtol(x, gamma: float) -> float:
-    """Relative (Frobenius) error estimate of float32 ridge regression on ``x`` (n, d).
+def ridge_rtol(x, gamma: float, *, updates: int = 1, u: float = U32) -> float:
+    """Relative (Frobenius) error estimate of ridge regression on ``x`` (n, d), float32.
 
-    ``κ(A) · √(n + d) · u``: forming ``XᵀX`` sums n terms per entry, the factorisation or
-    the recursive (Woodbury) updates add inner products of length ≤ d, and both are
-    amplified by ``κ(A)``, ``A = XᵀX + γI``.
+    ``updates · κ(A) · √(n + d) · u``, ``A = XᵀX + γI``: forming ``XᵀX`` sums n terms per
+    entry, the factorisation or a recursive (Woodbury) update adds inner products of length
+    ≤ d, and both are amplified by ``κ(A)``; a recursion of ``updates`` rank updates (RLS
+    learn/unlearn calls) accumulates one such error per update. ``u``: the unit roundoff
+    (float64: 2⁻⁵³; a float64 reference then has an error of the same size: count it as one
+    more update).
     """
     n, d = np.shape(x)
     a, _ = ridge_system(x, np.zeros((n, 1)), gamma)
-    return spd_condition_number(a) * np.sqrt(n + d) * U32
+    return updates * spd_condition_number(a) * np.sqrt(n + d) * u

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from clax._validation import check_positive_int, check_real
+
 __all__ = [
     "PrototypeStats",
     "class_means",
@@ -76,11 +78,11 @@ def init_stats(num_classes: int, dim: int, *, dtype=jnp.float32) -> PrototypeSta
     """Empty statistics for ``num_classes`` classes of ``dim``-dimensional features.
 
     Raises:
-      ValueError: on a size that is not a positive int or a non-floating dtype.
+      TypeError: on a size that is not an int.
+      ValueError: on a size ``< 1`` or a non-floating dtype.
     """
-    for name, v in (("num_classes", num_classes), ("dim", dim)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    num_classes = check_positive_int("num_classes", num_classes)
+    dim = check_positive_int("dim", dim)
     if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise ValueError(f"dtype must be a floating type, got {jnp.dtype(dtype)}")
     return PrototypeStats(
@@ -215,12 +217,10 @@ def teen_calibrate(prototypes: jax.Array, base: jax.Array, new: jax.Array, *,
     Returns:
       ``(C, D)`` prototypes with new rows calibrated.
     """
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    alpha = check_real("alpha", alpha, 0.0, 1.0, low_open=False, high_open=False)
+    tau = check_real("tau", tau, 0.0, math.inf, low_open=True, high_open=True)
     return _teen(prototypes, jnp.asarray(base, bool), jnp.asarray(new, bool),
-                 alpha=float(alpha), tau=float(tau))
+                 alpha=alpha, tau=tau)
 
 
 @functools.partial(jax.jit, static_argnames=("alpha", "tau"))
@@ -261,9 +261,9 @@ def lda_head(stats: PrototypeStats, *, shrinkage: float = LDA_SHRINKAGE
     Returns:
       ``(W (D, C), b (C,))``; columns of unseen classes are 0 (their logits are masked).
     """
-    if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage > 0):
-        raise ValueError(f"shrinkage must be a finite number > 0, got {shrinkage!r}")
-    return _lda_head(stats, shrinkage=float(shrinkage))
+    shrinkage = check_real("shrinkage", shrinkage, 0.0, math.inf, low_open=True,
+                           high_open=True)
+    return _lda_head(stats, shrinkage=shrinkage)
 
 
 @functools.partial(jax.jit, static_argnames=("shrinkage",))

@@ -60,6 +60,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from clax._validation import check_int, check_positive_int, check_real
+
 __all__ = [
     "RLSState",
     "embed",
@@ -97,14 +99,8 @@ class RLSState(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def _batch(batch_size) -> int | None:
-    return None if batch_size is None else _check_int("batch_size", batch_size, 1)
+    return check_int("batch_size", batch_size, low=1, optional=True)
 
 
 def _is_concrete(*arrays) -> bool:
@@ -310,14 +306,13 @@ def init(
       The initial :class:`RLSState`.
 
     Raises:
+      TypeError: on a size that is not an int or a ``gamma`` that is not a number.
       ValueError: on a non-positive size, ``gamma`` not a finite number ``> 0``, a missing
         key, or a dtype that is not a floating type available in this JAX configuration.
     """
-    feature_dim = _check_int("feature_dim", feature_dim, 1)
-    num_classes = _check_int("num_classes", num_classes, 1)
-    if (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
-            or not math.isfinite(gamma) or gamma <= 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    feature_dim = check_positive_int("feature_dim", feature_dim)
+    num_classes = check_positive_int("num_classes", num_classes)
+    gamma = check_real("gamma", gamma, 0.0, math.inf, low_open=True, high_open=True)
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating type, got {dtype}")
@@ -327,7 +322,7 @@ def init(
     projection = None
     d = feature_dim
     if buffer_size is not None:
-        d = _check_int("buffer_size", buffer_size, 1)
+        d = check_positive_int("buffer_size", buffer_size)
         if key is None:
             raise ValueError("buffer_size needs a PRNG `key` to draw the random buffer layer")
         bound = 1.0 / math.sqrt(feature_dim)
@@ -452,7 +447,7 @@ def fit(state: RLSState, features: jax.Array, labels: jax.Array, *,
     Returns:
       The fitted state (counts from the given labels).
     """
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     _check_inputs(state, features, labels, mask)
     return _fit(state, features, labels, mask, chunk_size=chunk_size)
 

@@ -34,8 +34,11 @@ def _qualname(f: Callable) -> str:
 
 def _factory(name: str) -> Callable[..., Method]:
     if name not in _REGISTRY:
+        hint = ("" if "finetune" in _REGISTRY else
+                " (the built-in methods register when clax.methods is imported)")
         raise ValueError(
-            f"unknown method {name!r}; valid choices: {', '.join(registered_methods())}"
+            f"unknown method {name!r}; valid choices: "
+            f"{', '.join(registered_methods()) or 'none'}{hint}"
         )
     return _REGISTRY[name]
 

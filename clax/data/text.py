@@ -1,8 +1,9 @@
 """Token-sequence scenarios: each task is a text "domain" for a causal language model.
 
 A task's ``x`` holds input token ids ``(N, L)`` int32 and ``y`` the target of each position
-``(N, L)`` int32: the next token, or ``-1`` where no loss is taken (the last position).
-That is the layout `clax.core.LanguageModeling` reads.
+``(N, L)`` int32: the next token (a negative target means "no loss here", for padding or
+prompt tokens; `language_modeling_arrays` cuts sequences of ``L + 1`` tokens, so every
+position has a target). That is the layout `clax.core.LanguageModeling` reads.
 
 `synthetic_token_domains` makes domains that are learnable and differ from each other
 without any download: each domain is a random sparse Markov chain over the vocabulary

@@ -13,12 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
+from clax._validation import check_params_given, check_positive_int
 from clax.params.paths import check_same_structure
 from clax.transforms.ema import find_state
-
-PyTree = Any
+from clax.typing import PyTree
 
 
 def _concrete_float(name: str, value: Any) -> float | None:
@@ -26,7 +25,7 @@ def _concrete_float(name: str, value: Any) -> float | None:
     if isinstance(value, jax.core.Tracer):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.ndarray, jax.Array)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
     return float(value)
@@ -47,6 +46,7 @@ def interpolate(reference: PyTree, finetuned: PyTree, *, weight: float) -> PyTre
         The interpolated tree.
 
     Raises:
+        TypeError: If ``weight`` is not a number.
         ValueError: If ``weight`` is not in ``[0, 1]`` or the trees differ (naming the first
             differing path).
     """
@@ -118,7 +118,8 @@ def running_average_update(
         ``(avg, count + 1)``; the new average keeps ``avg``'s dtypes.
 
     Raises:
-        ValueError: If a concrete ``count`` is negative or not an integer, or the trees
+        TypeError: If a concrete ``count`` is not an integer.
+        ValueError: If a concrete ``count`` is negative or not a scalar, or the trees
             differ (naming the first differing path).
     """
     if not isinstance(count, jax.core.Tracer):
@@ -126,7 +127,8 @@ def running_average_update(
             isinstance(count, (int, np.integer))
             or (hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer))
         ):
-            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+            raise TypeError(f"count must be a non-negative integer, got {count!r} "
+                            f"({type(count).__name__})")
         if np.ndim(count) != 0 or int(count) < 0:
             raise ValueError(f"count must be a non-negative integer scalar, got {count!r}")
     check_same_structure(avg, params, ("avg", "params"))
@@ -168,10 +170,10 @@ def weight_averaging(
         ``update`` requires ``params``.
 
     Raises:
-        ValueError: If ``every`` is not a positive int; at update time if ``params`` is None.
+        TypeError: If ``every`` is not an int.
+        ValueError: If ``every < 1``; at update time if ``params`` is None.
     """
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
+    every = check_positive_int("every", every)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> WeightAveragingState:
@@ -186,8 +188,7 @@ def weight_averaging(
     def update_fn(
         updates: PyTree, state: WeightAveragingState, params: PyTree | None = None, **extra_args
     ) -> tuple[PyTree, WeightAveragingState]:
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+        check_params_given(params, "weight_averaging")
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
         new_params = optax.apply_updates(params, updates)
         count = optax.safe_increment(state.count)

@@ -8,27 +8,20 @@ the task-specific change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from clax.params.paths import OUTSIDE, Path, block_depths, check_same_structure
-
-PyTree = Any
+from clax._validation import check_positive_int, check_real
+from clax.params.paths import OUTSIDE, block_depths, check_same_structure
+from clax.typing import Path, PyTree
 
 
 def _check_coefficient(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.floating, np.integer))
-        or not np.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_real(name, value, 0.0, math.inf, low_open=False, high_open=True)
 
 
 def lines_coefficients(num_blocks: int, *, alpha: float, beta: float) -> list[float]:
@@ -47,10 +40,10 @@ def lines_coefficients(num_blocks: int, *, alpha: float, beta: float) -> list[fl
         ``L`` floats.
 
     Raises:
+        TypeError: On a non-int ``num_blocks`` or a non-number ``alpha`` or ``beta``.
         ValueError: On a bad ``num_blocks``, ``alpha`` or ``beta``.
     """
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+    num_blocks = check_positive_int("num_blocks", num_blocks)
     alpha = _check_coefficient("alpha", alpha)
     beta = _check_coefficient("beta", beta)
     if num_blocks == 1:
@@ -85,6 +78,7 @@ def scale_task_vector(
         The scaled task vector.
 
     Raises:
+        TypeError: On a non-number ``alpha``/``beta``.
         ValueError: On a negative or non-finite ``alpha``/``beta``, or if block depths
             cannot be derived (naming the paths).
     """
@@ -129,6 +123,7 @@ def lines_scale(
         The edited parameters.
 
     Raises:
+        TypeError: On a non-number ``alpha``/``beta``.
         ValueError: On a bad ``alpha``/``beta``, mismatched trees (naming the first differing
             path), or underivable block depths.
     """
@@ -168,6 +163,7 @@ def lines_merge(
         The merged parameters.
 
     Raises:
+        TypeError: On a non-number ``alpha``/``beta``.
         ValueError: On an empty ``finetuned_list``, bad ``alpha``/``beta``, mismatched trees
             (naming the first differing path) or underivable block depths.
     """

@@ -45,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clax._validation import check_real, check_sequence
 from clax.fisher.estimators import check_fisher
 from clax.params.paths import path_str
-
-PyTree = Any
+from clax.typing import PyTree
 
 
 class SSDReport(NamedTuple):
@@ -75,10 +75,7 @@ class SSDReport(NamedTuple):
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_real(name, value, 0.0, math.inf, low_open=True, high_open=True)
 
 
 def _dampen_leaf(p: jax.Array, full: jax.Array, forget: jax.Array, alpha, lam):
@@ -129,6 +126,7 @@ def ssd_dampen(
         bit-identical) and an :class:`SSDReport` of dampened entries per path.
 
     Raises:
+        TypeError: On a non-number ``α`` or ``λ``.
         ValueError: On ``α`` or ``λ`` not finite and > 0; on a Fisher whose structure or
             shapes differ from params, or with negative or non-finite entries (naming the
             leaf path).
@@ -194,15 +192,14 @@ def ssd_search_alpha(
         each α got).
 
     Raises:
+        TypeError: On a non-number target, α or λ, or `alphas` not a list or tuple.
         ValueError: On an empty `alphas`, an α or λ that is not finite and > 0, a target
             outside ``[0, 1]``, or bad Fisher input (see :func:`ssd_dampen`).
     """
-    if isinstance(target, bool) or not isinstance(target, (int, float)) \
-            or not 0.0 <= target <= 1.0:
-        raise ValueError(f"target must be an accuracy in [0, 1], got {target!r}")
-    if not alphas:
-        raise ValueError("alphas must hold at least one α > 0, got an empty sequence")
-    ordered = sorted((_check_positive("alphas[i]", a) for a in alphas), reverse=True)
+    target = check_real("target (an accuracy)", target, 0.0, 1.0, low_open=False,
+                        high_open=False)
+    alphas = check_sequence("alphas", alphas, _check_positive, allow_empty=False)
+    ordered = sorted(alphas, reverse=True)
     trace: list[tuple[float, float, int]] = []
     for alpha in ordered:
         new, report = ssd_dampen(params, fisher_full, fisher_forget, alpha=alpha, lam=lam)

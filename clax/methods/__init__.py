@@ -8,10 +8,11 @@ it also registers the unlearners of `clax.methods.unlearning` (the `Unlearner` c
 # Importing the modules registers their methods. Factories named like their module (gpm,
 # coso, ewc) are not re-exported here: they would hide the module (`clax.methods.gpm`);
 # build them with `clax.make_method(name, ...)` or import them from the module.
-from clax.methods import analytic, coso, ewc, gpm, replay, weight_space  # noqa: F401
+from clax.methods import analytic, baselines, coso, ewc, gpm, replay, weight_space  # noqa: F401
 # Unlearners (ga, npo, ssd, acu): build them with `clax.core.make_unlearner(name, ...)`.
 from clax.methods import unlearning  # noqa: F401
 from clax.methods.analytic import acil, lda, ncm
+from clax.methods.baselines import finetune, joint, union_of_seen_tasks
 from clax.methods.ewc import l2, online_ewc
 from clax.methods.gpm import gpm_consolidate, gpm_memory
 from clax.methods.replay import agem, derpp, er, replay_reptile
@@ -35,8 +36,10 @@ __all__ = [
     "derpp",
     "ema",
     "er",
+    "finetune",
     "gpm_consolidate",
     "gpm_memory",
+    "joint",
     "l2",
     "lda",
     "lines",
@@ -45,5 +48,6 @@ __all__ = [
     "replay_reptile",
     "slow_learner",
     "swap_in",
+    "union_of_seen_tasks",
     "weight_averaging",
 ]

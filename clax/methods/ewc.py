@@ -35,7 +35,9 @@ from clax.core import (
     TrainArrays,
     TrainState,
     before,
+    num_examples,
     register_method,
+    take,
 )
 from clax.transforms.ewc import (
     _check_decay,
@@ -60,17 +62,17 @@ def _fisher_fn(labels: str, granularity: str, normalization: str, batch_size: in
     def fisher(state: TrainState, ctx: BoundaryContext) -> PyTree:
         data = ctx.train
         key_subset, key_labels = jax.random.split(ctx.rng)
-        if 0 < max_examples < len(data.y):
-            idx = np.sort(np.asarray(jax.random.permutation(key_subset, len(data.y)))
-                          [:max_examples])
-            data = TrainArrays(data.x[idx], data.y[idx], data.task_ids[idx])
+        n = num_examples(data)  # x and y may be pytrees (token sequences, ...)
+        if 0 < max_examples < n:
+            idx = np.sort(np.asarray(jax.random.permutation(key_subset, n))[:max_examples])
+            data = TrainArrays(*take(tuple(data), idx))
         # On the default device: the run's state is replicated over its mesh, and the
         # same single-device computation keeps results independent of the device count.
         params, model_state = jax.device_get((state.params, state.model_state))
         return diagonal_fisher(
             ctx.model, params, data, model_state=model_state, labels=labels,
             granularity=granularity, normalization=normalization, batch_size=batch_size,
-            key=key_labels, logit_masks=getattr(ctx.objective, "logit_masks", None),
+            key=key_labels, objective=ctx.objective,  # the run's loss: classes or tokens
         ), params
 
     return fisher

@@ -17,7 +17,13 @@ GPM's Permuted-MNIST MLP; multi-head heads are never projected). ``resnet18``: c
 the first task, but BatchNorm *running statistics* keep moving (GPM uses batch statistics
 at test time, ``track_running_stats=False``), so old tasks can still drift. ``vit``: the
 patch conv and every Linear are projected and LayerNorms frozen, but ``cls_token`` and
-``pos_embed`` are neither projected nor frozen. Both run; only mlp/cnn reproduce GPM.
+``pos_embed`` are neither projected nor frozen. ``causal_lm`` (token sequences, the
+``language_modeling`` objective): every Linear is projected, its representation columns
+being the token inputs of the sampled sequences (:mod:`clax.subspace.representations`),
+and LayerNorms are frozen, but the token embedding table ``embed/embedding`` and
+``pos_embed`` are neither projected nor frozen (they are not Linear / Conv kernels:
+:func:`gpm_memory` only builds bases for 2-D / 4-D leaves named ``kernel``), so old
+domains can drift through them. Both run; only mlp/cnn reproduce GPM.
 """
 
 from __future__ import annotations
@@ -71,7 +77,9 @@ def gpm_memory(params: PyTree, dtype: Any = jnp.float32) -> PyTree:
 
     Returns:
         Nested dicts with the params' keys, holding a rank-0 :class:`SubspaceBasis` of
-        capacity ``n_in`` at each Dense / conv kernel (and nothing else).
+        capacity ``n_in`` at each Dense / conv kernel (and nothing else: 3-D multi-head
+        kernels, embedding tables such as ``embed/embedding``, position embeddings and
+        normalisation parameters get no basis and are never projected).
     """
 
     def build(tree: Any, prefix: Path) -> Any:
@@ -139,12 +147,16 @@ def _host_rng(key: jax.Array) -> np.random.Generator:
     return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
 
 
-def _sample(train: Any, num_samples: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """``num_samples`` distinct random training examples (all if the task is smaller)."""
-    n = len(train.y)
-    take = min(num_samples, n)
-    idx = np.sort(_host_rng(key).choice(n, take, replace=False))
-    return np.asarray(train.x[idx]), np.asarray(train.task_ids[idx], np.int32)
+def _sample(train: Any, num_samples: int, key: jax.Array) -> tuple[Any, np.ndarray]:
+    """``num_samples`` distinct random training examples (all if the task is smaller).
+
+    Only the inputs are returned (any array or pytree: images, token ids): the
+    representations are the layers' inputs, whatever the targets are."""
+    n = len(train.task_ids)
+    count = min(num_samples, n)
+    idx = np.sort(_host_rng(key).choice(n, count, replace=False))
+    return (jax.tree.map(lambda a: np.asarray(a)[idx], train.x),
+            np.asarray(train.task_ids[idx], np.int32))
 
 
 def gpm_consolidate(
@@ -161,9 +173,10 @@ def gpm_consolidate(
 
     ``num_samples`` random training examples of the task are passed through the model in
     evaluation mode; each projected kernel gets its representation matrix (Dense: one
-    column per example; conv: one per patch, at most ``max_columns``) and its basis grows
-    by :func:`~clax.subspace.grow_basis` with the layer's threshold, using the first-task
-    rule at task 0 and the incremental rule after (as GPM's ``update_GPM``).
+    column per example, or per token for sequences; conv: one per patch; at most
+    ``max_columns``) and its basis grows by :func:`~clax.subspace.grow_basis` with the
+    layer's threshold, using the first-task rule at task 0 and the incremental rule after
+    (as GPM's ``update_GPM``).
 
     Args:
         state: The train state (``memory`` as built by :func:`gpm_memory`).
@@ -184,7 +197,8 @@ def gpm_consolidate(
         return state
     k_sample, k_cols = jax.random.split(ctx.rng)
     x, task_ids = _sample(ctx.train, num_samples, k_sample)
-    order = [p for p in forward_order(ctx.model, state.params, state.model_state, x[:1],
+    first_x = jax.tree.map(lambda a: a[:1], x)
+    order = [p for p in forward_order(ctx.model, state.params, state.model_state, first_x,
                                       task_ids[:1]) if p in by_path]
     order += sorted(set(by_path) - set(order))  # kernels the forward pass did not reach
     eps = layer_thresholds_by_path(order, threshold, layer_thresholds, threshold_increment,

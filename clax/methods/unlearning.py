@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clax._validation import check_positive_int, check_real
+from clax._validation import check_bool, check_choice, check_positive_int, check_real
 from clax.analytic import rls
 from clax.core import (
     Batch,
@@ -72,18 +72,6 @@ _GRANULARITIES = ("batch", "example")
 _FEATURE_BATCH = 1024
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
 def _weight(name: str, value: Any) -> float:
     return check_real(name, value, 0.0, math.inf, low_open=False, high_open=True)
 
@@ -97,9 +85,9 @@ def _gradient_unlearner(name: str, forget_loss, *, forget_weight: float, retain_
     """``γ·L_f + α·L_r`` (no GU) or ``L_f`` through GU's projection (module docstring)."""
     gamma = _weight("forget_weight", forget_weight)
     alpha = _weight("retain_weight", retain_weight)
-    gu = _check_bool("gu", gu)
-    subspace = _check_choice("gu_subspace", gu_subspace, _SUBSPACES)
-    geometry = _check_choice("gu_geometry", gu_geometry, _GEOMETRIES)
+    gu = check_bool("gu", gu)
+    subspace = check_choice("gu_subspace", gu_subspace, _SUBSPACES)
+    geometry = check_choice("gu_geometry", gu_geometry, _GEOMETRIES)
     k = check_positive_int("gu_k", gu_k)
     b2 = check_real("gu_b2", gu_b2, 0.0, 1.0, low_open=False, high_open=True)
     eps = _weight("gu_eps", gu_eps)
@@ -281,7 +269,7 @@ def ssd(*, alpha: float = 10.0, lam: float = 1.0, fisher_batch_size: int = 64,
     alpha = check_real("alpha", alpha, 0.0, math.inf, low_open=True, high_open=True)
     lam = check_real("lam", lam, 0.0, math.inf, low_open=True, high_open=True)
     fisher_batch_size = check_positive_int("fisher_batch_size", fisher_batch_size)
-    granularity = _check_choice("fisher_granularity", fisher_granularity, _GRANULARITIES)
+    granularity = check_choice("fisher_granularity", fisher_granularity, _GRANULARITIES)
     search = check_real("search_target", search_target, -math.inf, 1.0, low_open=False,
                         high_open=False) >= 0
     alphas = tuple(check_real("search_alphas[i]", a, 0.0, math.inf, low_open=True,

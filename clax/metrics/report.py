@@ -580,7 +580,9 @@ def results_table(runs: Sequence[Mapping[str, Any]]) -> str:
     as fractions are shown in percent with one decimal: ``ACC = 100 * acc`` (``0.931`` ->
     ``93.1``); BWT, FWT and Forgetting in percentage points, BWT and FWT with an explicit sign
     (``-0.052`` -> ``-5.2``, ``0.01`` -> ``+1.0``, never ``-0.0``). Train time is in seconds
-    with one decimal. Missing or ``None`` values are shown as ``"–"``.
+    with one decimal. Missing or ``None`` values are shown as ``"–"``. A row whose ``metric``
+    key names another metric than ``"accuracy"`` (a loss, a perplexity) is shown in that
+    metric's own units with three decimals, its name after the method (``lm (loss)``).
 
     Args:
         runs: Sequence of mappings, one per row, in display order.
@@ -593,6 +595,17 @@ def results_table(runs: Sequence[Mapping[str, Any]]) -> str:
     """
     rows = []
     for k, run in enumerate(_check_runs(runs)):
+        metric = run.get("metric", "accuracy")
+        if metric != "accuracy":
+            cells = {key: _number(run, key, k) for key in ("acc", "bwt", "fwt", "forgetting")}
+            train_time = _number(run, "train_time_s", k)
+            rows.append({
+                "benchmark": run.get("benchmark"), "method": f"{run.get('method')} ({metric})",
+                **{key: None if v is None else f"{v:{'+' if key in ('bwt', 'fwt') else ''}z.3f}"
+                   for key, v in cells.items()},
+                "train_time_s": None if train_time is None else f"{train_time:z.1f}",
+            })
+            continue
         acc = _number(run, "acc", k)
         bwt = _number(run, "bwt", k)
         fwt = _number(run, "fwt", k)

@@ -6,6 +6,12 @@ of keys from the root to a leaf, e.g. ``("layers", 0, "kernel")``; :func:`path_s
 it as ``"layers/0/kernel"``. Every function here also accepts the key-path entries of
 ``jax.tree_util`` (``DictKey``, ``SequenceKey``, ``GetAttrKey``, ``FlattenedIndexKey``) and
 any other pytree container (lists, tuples, NamedTuples), so optimizer states work too.
+
+``nnx.State`` trees (``nnx.state(model, nnx.Param)``, or the state ``nnx.Optimizer`` hands
+to optax) are read like the pure dicts: a leaf wrapped in an ``nnx.Variable`` flattens to
+the path of the variable followed by ``.value``, and :func:`plain_path` drops that trailing
+``value`` entry, so ``"layers/0/kernel"`` names the same parameter in both forms.
+:func:`align_to` reorders any such tree into another's structure by these paths.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
+from flax import nnx
 
-PyTree = Any
-Path = tuple[Hashable, ...]
+from clax.typing import Path, PyTree
 
 # Depth given to parameters outside every block (head, stem, embeddings, final norm). Not
 # `None`: `None` is an empty pytree in JAX, so a depth tree could not hold it as a leaf.
@@ -37,8 +44,24 @@ def _key(entry: Any) -> Hashable:
     return entry
 
 
+# Attribute under which an nnx.Variable flattens its array (`raw_value` in older flax).
+_VARIABLE_VALUE_KEYS = ("value", "raw_value")
+
+
+def _is_variable_value(entry: Any) -> bool:
+    return (isinstance(entry, jax.tree_util.GetAttrKey)
+            and entry.name in _VARIABLE_VALUE_KEYS)
+
+
 def plain_path(path: Sequence[Any]) -> Path:
-    """The path as plain keys: ``(DictKey("layers"), DictKey(0))`` -> ``("layers", 0)``."""
+    """The path as plain keys: ``(DictKey("layers"), DictKey(0))`` -> ``("layers", 0)``.
+
+    A trailing ``GetAttrKey("value")`` (how an ``nnx.Variable`` such as ``nnx.Param``
+    flattens its array) is dropped, so a leaf of ``nnx.state(model, nnx.Param)`` and the
+    same leaf of ``nnx.to_pure_dict(...)`` have the same path.
+    """
+    if path and _is_variable_value(path[-1]):
+        path = path[:-1]
     return tuple(_key(entry) for entry in path)
 
 
@@ -65,6 +88,161 @@ def _format_paths(paths: Sequence[Path], limit: int = 20) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+def _is_nnx(x: Any) -> bool:
+    return isinstance(x, (nnx.Variable, nnx.State))
+
+
+def _variable_value(v: nnx.Variable) -> Any:
+    return v.get_value() if hasattr(v, "get_value") else v.value
+
+
+def pure_tree(tree: PyTree) -> PyTree:
+    """`tree` with every ``nnx.State`` made a nested dict and every ``nnx.Variable`` its value.
+
+    ``nnx.to_pure_dict`` for any tree that may hold NNX containers anywhere (a NamedTuple
+    of states, a dict of variables); other containers and leaves are kept as they are
+    (the same array objects: this copies nothing).
+    """
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, nnx.Variable):
+            return pure_tree(_variable_value(x))
+        if isinstance(x, nnx.State):
+            return {k: pure_tree(v) for k, v in x.items()}
+        return x
+
+    return jax.tree.map(convert, tree, is_leaf=_is_nnx)
+
+
+def strip_variables(tree: PyTree) -> PyTree:
+    """`tree` with every ``nnx.Variable`` replaced by its value; containers (an
+    ``nnx.State`` included) are kept, as ``nnx.Optimizer`` passes them to optax."""
+    return jax.tree.map(lambda x: _variable_value(x) if isinstance(x, nnx.Variable) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def leaves_by_path(tree: PyTree) -> dict[Path, Any]:
+    """``{plain path: leaf}`` of `tree`, in flatten order (``nnx`` wrappers see through)."""
+    return {plain_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", np.shape(x)))
+
+
+def _kind(x: Any) -> str:
+    """How a node of a tree is called in an error message."""
+    if isinstance(x, nnx.Variable):
+        return f"an nnx.{type(x).__name__} wrapper"
+    if isinstance(x, nnx.State):
+        return "an nnx.State"
+    if x is None:
+        return "None"
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return f"a {type(x).__name__}"
+    if isinstance(x, (dict, list, tuple)):
+        return f"a {type(x).__name__}"
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(x)):
+        return "an array" if hasattr(x, "shape") else f"a {type(x).__name__} leaf"
+    return f"a {type(x).__name__}"
+
+
+def _children(x: Any) -> list[tuple[Hashable, Any]]:
+    """``(key, child)`` one level down (empty for a leaf)."""
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(x)):
+        return []
+    pairs = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]
+    return [(_key(p[0]) if p else None, c) for p, c in pairs]
+
+
+def _first_kind_difference(a: Any, b: Any, path: tuple = ()) -> tuple[Path, Any, Any] | None:
+    """The first path (flatten order of `a`) where the two trees' nodes differ in type."""
+    if type(a) is not type(b):
+        return path, a, b
+    kids_b = dict(_children(b))
+    kids_a = _children(a)
+    if len(kids_a) != len(kids_b) or any(k not in kids_b for k, _ in kids_a):
+        return path, a, b  # same type, different keys (e.g. an empty subtree in one)
+    for k, child in kids_a:
+        found = _first_kind_difference(child, kids_b[k], path + (k,))
+        if found is not None:
+            return found
+    return None
+
+
+def _where(path: Path) -> str:
+    return f"at path {path_str(path)!r}" if path else "at the root"
+
+
+def describe_container_difference(a: PyTree, b: PyTree, names: tuple[str, str] = ("a", "b")
+                                  ) -> str:
+    """Words for how two trees with the same leaf paths differ in their containers.
+
+    E.g. ``"anchor holds an nnx.Param wrapper at path 'layers/0/kernel' where params holds
+    an array; pass plain arrays: nnx.to_pure_dict(state) or nnx.pure(state)"``.
+    """
+    name_a, name_b = names
+    found = _first_kind_difference(a, b)
+    if found is None:
+        return f"{name_a} and {name_b} differ in their tree structure"
+    path, node_a, node_b = found
+    if type(node_a) is type(node_b):
+        keys_a = sorted(map(str, dict(_children(node_a))))
+        keys_b = sorted(map(str, dict(_children(node_b))))
+        return (f"{name_a} and {name_b} differ {_where(path)}: {name_a} has "
+                f"{_kind(node_a)} with keys {keys_a}, {name_b} with keys {keys_b}")
+    text = (f"{name_a} holds {_kind(node_a)} {_where(path)} where {name_b} holds "
+            f"{_kind(node_b)}")
+    for name, tree in zip(names, (a, b), strict=True):
+        wrappers = _variable_types(tree)
+        if wrappers:
+            return (f"{text}; {name} holds {' and '.join(wrappers)} wrappers: pass plain "
+                    "arrays, nnx.to_pure_dict(state) (or nnx.pure(state))")
+    if isinstance(node_a, nnx.State) or isinstance(node_b, nnx.State):
+        text += "; pass both as nested dicts: nnx.to_pure_dict(state)"
+    return text
+
+
+def _variable_types(tree: PyTree) -> list[str]:
+    """``["nnx.Param", ...]``: the Variable types `tree` holds, in flatten order."""
+    found: list[str] = []
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        if isinstance(leaf, nnx.Variable) and f"nnx.{type(leaf).__name__}" not in found:
+            found.append(f"nnx.{type(leaf).__name__}")
+    return found
+
+
+def _check_paths(leaves_a: dict, leaves_b: dict, names: tuple[str, str], check_shapes: bool
+                 ) -> None:
+    name_a, name_b = names
+    # Walk both in flatten order so "first" means the same as in the trees.
+    for path, x in leaves_a.items():
+        if path not in leaves_b:
+            raise ValueError(
+                f"{name_a} and {name_b} differ in structure: path {path_str(path)!r} is in "
+                f"{name_a} but not in {name_b}"
+            )
+        if check_shapes and _shape(x) != _shape(leaves_b[path]):
+            raise ValueError(
+                f"{name_a} and {name_b} differ at path {path_str(path)!r}: shape "
+                f"{_shape(x)} vs {_shape(leaves_b[path])}"
+            )
+    for path in leaves_b:
+        if path not in leaves_a:
+            raise ValueError(
+                f"{name_a} and {name_b} differ in structure: path {path_str(path)!r} is in "
+                f"{name_b} but not in {name_a}"
+            )
+
+
+def check_same_paths(a: PyTree, b: PyTree, names: tuple[str, str] = ("a", "b"), *,
+                     check_shapes: bool = True) -> None:
+    """Like :func:`check_same_structure` but containers may differ: only the leaf paths
+    (and shapes) must agree, so an ``nnx.State`` (of ``nnx.Param`` or of arrays) matches
+    the pure dict with the same parameters."""
+    _check_paths(leaves_by_path(a), leaves_by_path(b), names, check_shapes)
+
+
 def check_same_structure(a: PyTree, b: PyTree, names: tuple[str, str] = ("a", "b")) -> None:
     """Checks that two trees have the same paths and the same leaf shapes.
 
@@ -76,38 +254,34 @@ def check_same_structure(a: PyTree, b: PyTree, names: tuple[str, str] = ("a", "b
         names: How the two trees are called in the error message.
 
     Raises:
-        ValueError: Naming the first path present in one tree and not the other, or the
-            first path whose leaf shapes differ.
+        ValueError: Naming the first path present in one tree and not the other, the
+            first path whose leaf shapes differ, or (same paths, different containers) the
+            first path where the containers differ and how (e.g. ``nnx.Param`` wrappers in
+            one, plain arrays in the other; an ``nnx.State`` and a dict).
     """
-    name_a, name_b = names
-    leaves_a, _ = _leaves_with_paths(a)
-    leaves_b, _ = _leaves_with_paths(b)
-    shapes_a = {p: getattr(x, "shape", ()) for p, x in leaves_a}
-    shapes_b = {p: getattr(x, "shape", ()) for p, x in leaves_b}
-    # Walk both in flatten order so "first" means the same as in the trees.
-    for path, _ in leaves_a:
-        if path not in shapes_b:
-            raise ValueError(
-                f"{name_a} and {name_b} differ in structure: path {path_str(path)!r} is in "
-                f"{name_a} but not in {name_b}"
-            )
-        if tuple(shapes_a[path]) != tuple(shapes_b[path]):
-            raise ValueError(
-                f"{name_a} and {name_b} differ at path {path_str(path)!r}: shape "
-                f"{tuple(shapes_a[path])} vs {tuple(shapes_b[path])}"
-            )
-    for path, _ in leaves_b:
-        if path not in shapes_a:
-            raise ValueError(
-                f"{name_a} and {name_b} differ in structure: path {path_str(path)!r} is in "
-                f"{name_b} but not in {name_a}"
-            )
+    check_same_paths(a, b, names)
     if jax.tree.structure(a) != jax.tree.structure(b):
         # Same paths but different container types (e.g. dict vs list): tree.map would fail.
-        raise ValueError(
-            f"{name_a} and {name_b} have the same paths but different container types: "
-            f"{jax.tree.structure(a)} vs {jax.tree.structure(b)}"
-        )
+        raise ValueError(describe_container_difference(a, b, names))
+
+
+def align_to(tree: PyTree, like: PyTree, names: tuple[str, str] = ("tree", "like"), *,
+             check_shapes: bool = True) -> PyTree:
+    """The leaves of `tree` in the structure of `like`, matched by path.
+
+    Containers may differ (a pure dict against the ``nnx.State`` that ``nnx.Optimizer``
+    passes to optax, ``nnx.Param`` wrappers against arrays); the leaf objects are reused.
+
+    Raises:
+        ValueError: A path in one tree and not the other, or (``check_shapes``) a shape
+            difference, naming the path.
+    """
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(like)
+    have = leaves_by_path(tree)
+    want = {plain_path(p): leaf for p, leaf in pairs}
+    # Report the reference tree first: "path 'x' is in params but not in anchor".
+    _check_paths(want, have, (names[1], names[0]), check_shapes)
+    return jax.tree_util.tree_unflatten(treedef, [have[plain_path(p)] for p, _ in pairs])
 
 
 def _as_index(key: Hashable) -> int | None:
@@ -169,8 +343,9 @@ def block_depths(
         ``L``.
 
     Raises:
+        TypeError: If ``depth_fn`` returns something other than an int (naming the path).
         ValueError: If no parameter lies in a block (naming the paths), or ``depth_fn``
-            returns something other than an int ``>= -1``.
+            returns an int ``< -1``.
     """
     leaves, treedef = _leaves_with_paths(params)
     if not leaves:
@@ -180,9 +355,11 @@ def block_depths(
         for path, _ in leaves:
             depth = depth_fn(path)
             if isinstance(depth, bool) or not isinstance(depth, int) or depth < OUTSIDE:
-                raise ValueError(
+                error = ValueError if isinstance(depth, int) and not isinstance(depth, bool) \
+                    else TypeError
+                raise error(
                     f"depth_fn must return an int >= {OUTSIDE} (-1 = outside blocks); got "
-                    f"{depth!r} for path {path_str(path)!r}"
+                    f"{depth!r} ({type(depth).__name__}) for path {path_str(path)!r}"
                 )
             depths.append(depth)
         num_blocks = max(depths) + 1
@@ -227,25 +404,28 @@ def label_params(
         A tree shaped like ``params`` with ``str`` leaves.
 
     Raises:
-        ValueError: If a rule is not a ``(str pattern, str label)`` pair or its pattern does
-            not compile, or (with ``default=None``) listing the paths no rule matches.
+        TypeError: If ``rules`` is not a sequence, a rule is not a tuple/list of strings, or
+            ``default`` is neither a str nor None.
+        ValueError: If a rule is not a pair or its pattern does not compile, or (with
+            ``default=None``) listing the paths no rule matches.
     """
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise ValueError(f"rules must be a sequence of (pattern, label) pairs, got {rules!r}")
+        raise TypeError(f"rules must be a sequence of (pattern, label) pairs, got {rules!r} "
+                        f"({type(rules).__name__})")
     compiled = []
     for i, rule in enumerate(rules):
-        if (
-            not isinstance(rule, (tuple, list))
-            or len(rule) != 2
-            or not all(isinstance(x, str) for x in rule)
-        ):
-            raise ValueError(f"rules[{i}] must be a (pattern: str, label: str) pair, got {rule!r}")
+        what = f"rules[{i}] must be a (pattern: str, label: str) pair, got {rule!r}"
+        if not isinstance(rule, (tuple, list)) or not all(isinstance(x, str) for x in rule):
+            raise TypeError(what)
+        if len(rule) != 2:
+            raise ValueError(what)
         try:
             compiled.append((re.compile(rule[0]), rule[1]))
         except re.error as e:
             raise ValueError(f"rules[{i}] pattern {rule[0]!r} is not a valid regex: {e}") from e
     if default is not None and not isinstance(default, str):
-        raise ValueError(f"default must be a str label or None, got {default!r}")
+        raise TypeError(f"default must be a str label or None, got {default!r} "
+                        f"({type(default).__name__})")
 
     leaves, treedef = _leaves_with_paths(params)
     labels, unmatched = [], []

@@ -34,17 +34,21 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
-from clax._validation import check_unit_interval
+from clax._validation import check_choice, check_int, check_unit_interval
 from clax.params.paths import (
-    Path,
     _as_index,
     _leaves_with_paths,
     block_depths,
-    check_same_structure,
+    check_same_paths,
     label_params,
+    leaves_by_path,
     path_str,
+    plain_path,
+    strip_variables,
 )
+from clax.typing import Path, PyTree
 
 __all__ = [
     "HFT_CATEGORIES",
@@ -57,8 +61,6 @@ __all__ = [
     "tensor_importance",
     "train_only",
 ]
-
-PyTree = Any
 
 # Default HFT categories, tried in order on each leaf path (`label_params` rules): the
 # norms and the attention projections of a block are each a category; everything else in
@@ -74,19 +76,15 @@ HFT_CATEGORIES: tuple[tuple[str, str], ...] = (
 # Checks
 
 
-def _check_index(value: Any, arg: str) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{arg} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
 def _count(fraction: float, n: int) -> int:
     """``fraction * n`` to the nearest int, halves up (tolerant of 0.3 * 10 = 3.0000...04)."""
     return min(n, math.floor(fraction * n + 0.5 + 1e-9))
 
 
 def _leaves(params: PyTree, arg: str = "params") -> tuple[list[tuple[Path, Any]], Any]:
-    leaves, treedef = _leaves_with_paths(params)
+    # nnx.Variable wrappers dropped: a mask of an nnx.State is an nnx.State of bools, which
+    # fits both the state nnx.Optimizer initialises with and the one it updates with.
+    leaves, treedef = _leaves_with_paths(strip_variables(params))
     if not leaves:
         raise ValueError(f"{arg} has no leaves")
     return leaves, treedef
@@ -108,8 +106,11 @@ def _check_mask(params: PyTree, trainable: PyTree) -> None:
             )
     if params is None:
         return
-    want = [path for path, _ in _leaves_with_paths(params)[0]]
-    have = [path for path, _ in leaves]
+    _check_mask_paths([path for path, _ in _leaves_with_paths(params)[0]],
+                      [path for path, _ in leaves])
+
+
+def _check_mask_paths(want: Sequence[Path], have: Sequence[Path]) -> None:
     for a, b, names in ((want, set(have), ("params", "trainable")),
                         (have, set(want), ("trainable", "params"))):
         for path in a:
@@ -140,33 +141,53 @@ def train_only(
 ) -> optax.GradientTransformationExtraArgs:
     """Applies ``tx`` to the trainable leaves and a zero update to the others.
 
-    ``optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
-    mask_labels(trainable))``: frozen leaves get an exact zero update (so their values
-    stay bit-identical, whatever ``tx`` does, weight decay included) and hold no ``tx``
-    state. Extra args are passed on to ``tx``. As a `clax.core.Method` optimizer hook
+    ``optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)``: frozen
+    leaves get an exact zero update (so their values stay bit-identical, whatever ``tx``
+    does, weight decay included) and hold no ``tx`` state. Extra args are passed on to
+    ``tx``. As a `clax.core.Method` optimizer hook
     (``optimizer=around(lambda tx: train_only(tx, mask))``) it freezes the whole chain: the
     method's transforms and the base optimizer.
 
+    The mask is matched to the params and updates by path (:func:`clax.params.plain_path`),
+    not by container, so a pure-dict mask, an ``nnx.State`` of bools or a mask of
+    ``nnx.Param``-wrapped bools all work with pure-dict params and with ``nnx.Optimizer``
+    (which initialises with an ``nnx.State`` of ``nnx.Param`` and updates with an
+    ``nnx.State`` of arrays)::
+
+        trainable = kappatune_mask(nnx.state(model, nnx.Param), num_tensors=4)
+        optimizer = nnx.Optimizer(model, train_only(optax.adam(1e-3), trainable),
+                                  wrt=nnx.Param)
+
     Args:
         tx: the transformation for the trainable leaves.
-        trainable: a mask shaped like the params (bool leaves, ``True`` = trainable).
+        trainable: a mask with the params' paths (bool leaves, ``True`` = trainable).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``.
 
     Raises:
-        ValueError: at ``init``, a path of the params missing from the mask or the other
-            way round (naming it).
+        TypeError: a non-bool leaf of the mask (naming its path).
+        ValueError: at ``init`` (and ``update``), a path of the params missing from the
+            mask or the other way round (naming it).
     """
-    inner = optax.transforms.partition(
-        {"trainable": tx, "frozen": optax.set_to_zero()}, mask_labels(trainable)
-    )
+    _check_mask(None, trainable)
+    flags = {path: bool(flag) for path, flag in leaves_by_path(trainable).items()}
 
-    def init(params: PyTree) -> optax.OptState:
-        _check_mask(params, trainable)  # a clear error naming the path, before optax's
-        return inner.init(params)
+    def labels(tree: PyTree) -> PyTree:
+        # Labels in the structure of the tree optax hands over (params at init, updates
+        # at update), one at each leaf or nnx.Variable, looked up by path.
+        pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]
+        _check_mask_paths([plain_path(p) for p, _ in pairs], list(flags))
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "trainable" if flags[plain_path(p)] else "frozen", tree,
+            is_leaf=_is_variable)
 
-    return optax.GradientTransformationExtraArgs(init, inner.update)
+    return optax.transforms.partition(
+        {"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 # --------------------------------------------------------------------------------------
@@ -234,6 +255,7 @@ def half_fine_tuning_mask(
         A mask shaped like ``params`` (Python bools, ``True`` = trainable).
 
     Raises:
+        TypeError: ``stage``, ``seed``, ``fraction`` or ``unit`` of the wrong type.
         ValueError: bad ``stage``, ``seed``, ``fraction``, ``unit`` or rules; a module
             whose leaves fall in different categories (naming it); no block in the paths.
 
@@ -241,11 +263,10 @@ def half_fine_tuning_mask(
         Hui et al. HFT: Half Fine-Tuning for Large Language Models. ACL 2025.
         arXiv:2404.18466.
     """
-    stage = _check_index(stage, "stage")
-    seed = _check_index(seed, "seed")
+    stage = check_int("stage", stage, low=0)
+    seed = check_int("seed", seed, low=0)
     f = check_unit_interval("fraction", fraction)
-    if unit not in ("module", "tensor"):
-        raise ValueError(f"unit must be 'module' or 'tensor', got {unit!r}")
+    check_choice("unit", unit, ("module", "tensor"))
     leaves, treedef = _leaves(params)
     depths = jax.tree.leaves(block_depths(params, depth_fn=depth_fn)[0])
     labels = jax.tree.leaves(label_params(params, list(categories), default="other"))
@@ -309,12 +330,10 @@ def condition_numbers(params: PyTree, *, max_dim: int | None = None) -> dict[str
         ``{path_str: κ}`` for the analysed tensors, in flatten order.
 
     Raises:
-        ValueError: a non-finite weight (naming the path), or a bad ``max_dim``.
+        TypeError: ``max_dim`` is neither None nor an int.
+        ValueError: a non-finite weight (naming the path), or ``max_dim < 1``.
     """
-    if max_dim is not None and (
-        not isinstance(max_dim, (int, np.integer)) or isinstance(max_dim, bool) or max_dim < 1
-    ):
-        raise ValueError(f"max_dim must be None or a positive int, got {max_dim!r}")
+    max_dim = check_int("max_dim", max_dim, low=1, optional=True)
     leaves, _ = _leaves(params)
     kappas = {}
     for path, leaf in leaves:
@@ -357,6 +376,7 @@ def kappatune_mask(
         A mask shaped like ``params`` (Python bools, ``True`` = trainable).
 
     Raises:
+        TypeError: ``num_tensors``, ``fraction`` or ``max_dim`` of the wrong type.
         ValueError: both or neither of ``num_tensors`` / ``fraction``, a negative count, a
             fraction outside [0, 1], or a non-finite weight.
 
@@ -368,7 +388,7 @@ def kappatune_mask(
         raise ValueError("pass exactly one of num_tensors and fraction")
     kappas = condition_numbers(params, max_dim=max_dim)
     if num_tensors is not None:
-        k = _check_index(num_tensors, "num_tensors")
+        k = check_int("num_tensors", num_tensors, low=0)
     else:
         k = _count(check_unit_interval("fraction", fraction), len(kappas))
     names = list(kappas)
@@ -400,7 +420,7 @@ def tensor_importance(params: PyTree, fisher: PyTree) -> dict[str, float]:
         ValueError: a structure or shape mismatch (naming the first differing path), or
             negative / NaN Fisher entries (naming the path).
     """
-    check_same_structure(params, fisher, names=("params", "fisher"))
+    check_same_paths(params, fisher, names=("params", "fisher"))  # dict or nnx.State alike
     out = {}
     for path, leaf in _leaves(fisher, "fisher")[0]:
         f = np.asarray(jax.device_get(leaf), dtype=np.float64)
@@ -432,6 +452,7 @@ def fisher_importance_mask(params: PyTree, fisher: PyTree, *, freeze_fraction: f
         A mask shaped like ``params`` (Python bools, ``True`` = trainable).
 
     Raises:
+        TypeError: ``freeze_fraction`` is not a number.
         ValueError: ``freeze_fraction`` outside [0, 1], or bad ``fisher`` (see
             `tensor_importance`).
     """

@@ -8,7 +8,15 @@ outer products ``x δᵀ``, so it lies in the span of the inputs along axis 0: t
 Memory (Saha et al., ICLR 2021) decomposes to find the input directions a task uses.
 
 Column counts follow GPM's code: one column per sample for Dense layers (300 samples for
-Permuted MNIST), one column per (sample, output position) for convs (im2col). Conv patches
+Permuted MNIST), one column per (sample, output position) for convs (im2col). A Dense
+layer applied to every token of a sequence (inputs ``(B, L, in)``: a transformer's
+projections and MLP, a language model's output layer) computes ``y_t = a_tᵀW`` per token,
+so its gradient ``Σ_{b,t} a_{bt} δ_{bt}ᵀ`` lies in the span of the token inputs: it gets one
+column per (sample, token), ``B·L`` columns in sample-major order, randomly subsampled to
+``max_columns`` as conv patches are. Parameters that are not Linear / Conv kernels (an
+embedding table, a position embedding, normalisation scales) have no representation
+matrix: the token embedding is a lookup whose gradient rows are the tokens seen, not a
+span of inputs, so GPM neither represents nor projects it. Conv patches
 are ordered ``(kh, kw, c_in)`` like the Flax kernel (:func:`clax.models.conv_patches`), not
 PyTorch's ``(c_in, kh, kw)``, so ``Rᵀ @ W.reshape(-1, out)`` reproduces the conv output.
 """
@@ -111,8 +119,9 @@ def representation_matrices(
 
     Runs ``model(x, task_ids)`` as it is (call ``model.eval()`` first for GPM: dropout off,
     BatchNorm running statistics) and records each layer's input: a Dense / multi-head
-    layer gives one column per example (a token Linear one per token), a conv one column
-    per (example, output position), its patch flattened as ``(kh, kw, c_in)``. Matrices
+    layer gives one column per example, a Dense layer applied to tokens ``(B, L, in)`` one
+    per (example, token), a conv one column per (example, output position), its patch
+    flattened as ``(kh, kw, c_in)``. Matrices
     with more than ``max_columns`` columns keep a random subset of columns (without
     replacement, in order). Traceable: call it under ``jax.jit`` / ``nnx.jit``, or use
     :func:`collect_representations` on a split model.
@@ -183,7 +192,8 @@ def collect_representations(
             as GPM collects representations with the model in ``eval()`` mode).
         params: The parameter dict.
         model_state: The other model variables (BatchNorm statistics).
-        x: Sample inputs, e.g. 300 training examples.
+        x: Sample inputs, e.g. 300 training examples: any array or pytree the model
+            takes (images, token ids ``(B, L)``).
         task_ids: Their task ids (needed by multi-head models).
         max_columns: Cap on the columns of each matrix.
         key: PRNG key for the column subsample.
@@ -194,4 +204,4 @@ def collect_representations(
     """
     fn = _jitted_collector(model_fns.graphdef_eval, max_columns, bool(include_multi_head))
     key = jax.random.PRNGKey(0) if key is None else key
-    return fn(params, model_state, jnp.asarray(x), task_ids, key)
+    return fn(params, model_state, jax.tree.map(jnp.asarray, x), task_ids, key)

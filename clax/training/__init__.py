@@ -5,7 +5,6 @@ The top layer of clax: it imports the contract (`clax.core`), the registered met
 below imports it.
 """
 
-from clax.training.baselines import finetune, joint, union_of_seen_tasks
 from clax.training.config import (
     build_method,
     build_model,
@@ -31,8 +30,5 @@ __all__ = [
     "build_scenario",
     "data_mesh",
     "default_config",
-    "finetune",
-    "joint",
     "train_continual",
-    "union_of_seen_tasks",
 ]

@@ -46,7 +46,6 @@ from clax.core import (
     registered_methods,
 )
 from clax.data.text import TEXT_SCENARIOS
-from clax.training import baselines  # noqa: F401  (registers finetune and joint)
 
 _SIMPLE = (bool, int, float, str, tuple)
 # Keys of train/optimizer that may change when a run resumes (they do not change results).

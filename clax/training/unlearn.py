@@ -58,7 +58,7 @@ from flax import nnx
 from ml_collections.config_dict import placeholder
 
 from clax import metrics as clax_metrics
-from clax._validation import check_positive_int, check_real
+from clax._validation import check_bool, check_choice, check_int, check_real
 from clax.core import (
     Batch,
     Classification,
@@ -180,53 +180,41 @@ def _fail(key: str, expected: str, value: Any) -> None:
     raise ValueError(f"config.unlearn.{key} must be {expected}, got {value!r}")
 
 
-def _check_int(key: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        _fail(key, f"an int >= {low}", value)
-    return int(value)
-
-
 def _validate(config: ml_collections.ConfigDict) -> None:
     """The ``unlearn`` section against `default_unlearn_config` (one line per problem)."""
     if "unlearn" not in config:
         raise ValueError("config lacks the unlearn section; start from "
                          "clax.training.unlearn.default_unlearn_config()")
     u, ref = config.unlearn, default_unlearn_config().unlearn
-    unknown = sorted(set(u.keys()) - set(ref.keys()))
-    if unknown:
-        raise ValueError(f"unknown key config.unlearn.{unknown[0]}; valid keys of "
-                         f"config.unlearn: {', '.join(sorted(ref.keys()))}")
-    unknown = sorted(set(u.optimizer.keys()) - set(ref.optimizer.keys()))
-    if unknown:
-        raise ValueError(f"unknown key config.unlearn.optimizer.{unknown[0]}; valid keys: "
-                         f"{', '.join(sorted(ref.optimizer.keys()))}")
-    if u.name not in registered_unlearners():
-        _fail("name", f"one of {', '.join(registered_unlearners())}", u.name)
-    for key, choices in (("forget", FORGET_MODES), ("reference", REFERENCES),
-                         ("mia_feature", MIA_FEATURES)):
-        if u[key] not in choices:
-            _fail(key, f"one of {', '.join(map(repr, choices))}", u[key])
-    if u.optimizer.name not in OPTIMIZERS:
-        _fail("optimizer.name", f"one of {', '.join(map(repr, OPTIMIZERS))}", u.optimizer.name)
-    for key in ("steps", "batch_size", "retain_batch_size", "eval_every"):
-        _check_int(key, u[key], 1)
+    for section, got, want in (("unlearn", u, ref),
+                               ("unlearn.optimizer", u.optimizer, ref.optimizer)):
+        unknown = sorted(set(got.keys()) - set(want.keys()))
+        if unknown:
+            raise ValueError(f"unknown key config.{section}.{unknown[0]}; valid keys of "
+                             f"config.{section}: {', '.join(sorted(want.keys()))}")
+    name = "config.unlearn."
+    check_choice(name + "name", u.name, registered_unlearners())
+    check_choice(name + "forget", u.forget, FORGET_MODES)
+    check_choice(name + "reference", u.reference, REFERENCES)
+    check_choice(name + "mia_feature", u.mia_feature, MIA_FEATURES)
+    check_choice(name + "optimizer.name", u.optimizer.name, OPTIMIZERS)
+    for key in ("steps", "batch_size", "retain_batch_size", "eval_every", "checkpoints_to_keep"):
+        check_int(name + key, u[key], low=1)
     for key in ("repeats", "checkpoint_every_steps", "forget_seed"):
-        _check_int(key, u[key], 0)
-    _check_int("checkpoints_to_keep", u.checkpoints_to_keep, 1)
-    try:
-        check_real("forget_fraction", u.forget_fraction, 0.0, 1.0, low_open=True,
+        check_int(name + key, u[key], low=0)
+    check_bool(name + "x64", u.x64)
+    for key in ("forget_fraction", "forget_test_fraction"):
+        check_real(name + key, u[key], 0.0, 1.0, low_open=True, high_open=True)
+    check_real(name + "optimizer.learning_rate", u.optimizer.learning_rate, 0.0, np.inf,
+               low_open=True, high_open=True)
+    for key in ("b1", "b2"):
+        check_real(name + "optimizer." + key, u.optimizer[key], 0.0, 1.0, low_open=False,
                    high_open=True)
-        check_real("forget_test_fraction", u.forget_test_fraction, 0.0, 1.0, low_open=True,
+    for key in ("optimizer.eps", "optimizer.momentum"):
+        check_real(name + key, u.optimizer[key.split(".")[1]], 0.0, np.inf, low_open=False,
                    high_open=True)
-        check_real("optimizer.learning_rate", u.optimizer.learning_rate, 0.0, np.inf,
-                   low_open=True, high_open=True)
-        for key in ("b1", "b2"):
-            check_real(f"optimizer.{key}", u.optimizer[key], 0.0, 1.0, low_open=False,
-                       high_open=True)
-        for key in ("target", "target_margin"):
-            check_real(key, u[key], -np.inf, np.inf, low_open=True, high_open=True)
-    except ValueError as e:
-        raise ValueError(f"config.unlearn.{e}") from None
+    for key in ("target", "target_margin"):
+        check_real(name + key, u[key], -np.inf, np.inf, low_open=True, high_open=True)
     if u.target_margin >= 0 and u.reference == "none":
         raise ValueError("config.unlearn.target_margin >= 0 stops at the reference's forget "
                          "metric plus the margin, but config.unlearn.reference is 'none': set "
@@ -444,6 +432,7 @@ class _Progress:
     unlearn_first_s: float | None = None  # the first edit, compilation included
     unlearn_repeats_s: list[float] = dataclasses.field(default_factory=list)
     eval_s: float = 0.0  # in the stop checks
+    last_loss: float | None = None  # the loss of the last step taken
     trace: list[dict[str, float]] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -710,17 +699,18 @@ def _run_gradient(run: _Run, target: float | None) -> tuple[TrainState, _Progres
     forget_eval = run.ev.prepare(run.sets.forget_train)
     spec = primary_metric(run.objective)
     key = _metric_key(run.objective, "forget_train")
-    last_loss, run_start = float("nan"), time.perf_counter()
+    run_start = time.perf_counter()
     while True:
         s = progress.step
         if (s % every == 0 or s == steps) and not (progress.trace and progress.trace[-1]["step"] == s):
             start = time.perf_counter()
             value = run.ev.metrics(state, forget_eval)[spec.name]
             progress.eval_s += time.perf_counter() - start
-            progress.trace.append({"step": s, key: value, "loss": last_loss})
+            progress.trace.append({"step": s, key: value, "loss": progress.last_loss})
             elapsed = time.perf_counter() - run_start
-            log.info("%s: step %d/%d  loss %.4g  %s %.4g%s  elapsed %.1fs", run.name, s, steps,
-                     last_loss, key, value,
+            log.info("%s: step %d/%d  loss %s  %s %.4g%s  elapsed %.1fs", run.name, s, steps,
+                     "–" if progress.last_loss is None else f"{progress.last_loss:.4g}", key,
+                     value,
                      "" if target is None else f" (target {target:.4g})", elapsed)
             if target is not None:
                 progress.reached_target = _reached(value, target, spec.higher_is_better)
@@ -742,7 +732,7 @@ def _run_gradient(run: _Run, target: float | None) -> tuple[TrainState, _Progres
                 f"{s + int(np.argmax(bad))}; stopped without saving. Lower "
                 "config.unlearn.optimizer.learning_rate or set a stop target "
                 "(config.unlearn.target / target_margin), with a new --workdir")
-        last_loss = float(losses[-1])
+        progress.last_loss = float(losses[-1])
         progress.step = end
         if ckpt_every and end % ckpt_every == 0 and end < steps:
             run.save(state, progress)

@@ -8,8 +8,12 @@ at the label.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from clax._validation import check_real
 
 __all__ = ["gradient_ascent_loss", "log_likelihood", "npo_loss", "retain_loss"]
 
@@ -82,11 +86,14 @@ def npo_loss(logits: jax.Array, ref_logits: jax.Array, labels: jax.Array, *,
 
     Returns:
         The scalar loss.
+
+    Raises:
+        TypeError: ``beta`` is not a number.
+        ValueError: ``beta`` is not finite and ``> 0``, or the shapes do not match.
     """
     _check(logits, labels)
     _check(ref_logits, labels, "ref_logits")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    beta = check_real("beta", beta, 0.0, math.inf, low_open=True, high_open=True)
     log_ratio = log_likelihood(logits, labels) - jax.lax.stop_gradient(
         log_likelihood(ref_logits, labels))
     return (2.0 / beta) * _mean(jax.nn.softplus(beta * log_ratio), weights)

@@ -178,3 +178,9 @@ def test_bad_input_raises():
                               alpha=1.5)
     with pytest.raises(ValueError, match="shrinkage"):
         protos.lda_head(stats, shrinkage=0.0)
+    with pytest.raises(TypeError, match=r"num_classes must be a positive int, got 2.0 \(float"):
+        protos.init_stats(2.0, 3)
+    with pytest.raises(TypeError, match=r"shrinkage must be a finite number > 0, got '1'"):
+        protos.lda_head(stats, shrinkage="1")
+    with pytest.raises(TypeError, match=r"tau must be a finite number > 0, got None"):
+        protos.teen_calibrate(jnp.zeros((C, D)), jnp.ones(C, bool), jnp.ones(C, bool), tau=None)

@@ -8,7 +8,8 @@ import pytest
 
 from clax import data
 from clax.core import Method
-from clax.training import joint, train_continual
+from clax.methods import joint
+from clax.training import train_continual
 from tests.training.helpers import tiny_config, tiny_dataset
 
 

@@ -55,7 +55,7 @@ def test_interpolate_bad_inputs():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="weight must be in \\[0, 1\\]"):
             interpolate(ref, ft, weight=bad)
-    with pytest.raises(ValueError, match="weight must be a real number"):
+    with pytest.raises(TypeError, match=r"weight must be a real number, got '0.5' \(str\)"):
         interpolate(ref, ft, weight="0.5")
     del ft["layers"][0]["bias"]
     with pytest.raises(ValueError, match="'layers/0/bias' is in reference but not in finetuned"):
@@ -111,7 +111,7 @@ def test_running_average_equals_mean_of_seen_params():
 def test_running_average_bad_inputs():
     with pytest.raises(ValueError, match="count must be a non-negative integer"):
         running_average_update(_tree(0), _tree(1), -1)
-    with pytest.raises(ValueError, match="count must be a non-negative integer"):
+    with pytest.raises(TypeError, match="count must be a non-negative integer"):
         running_average_update(_tree(0), _tree(1), 1.5)
     with pytest.raises(ValueError, match="avg and params differ"):
         running_average_update(_tree(0), {"head": _tree(1)["head"]}, 0)
@@ -158,11 +158,19 @@ def test_weight_averaging_inside_a_chain_and_errors():
     state = tx.init(params)
     _, state = tx.update({"w": jnp.ones(2)}, state, params)
     assert isinstance(state[1], WeightAveragingState)
-    np.testing.assert_allclose(averaged_params(state)["w"], 1 - np.sqrt(0.5))
+    # float32: √½ is rounded ~3 times (norm, clip scale, sgd step), ≤ 3u·√½ absolute, and
+    # 1 − √½ ≈ 0.29 turns that into 3u·√½/(1 − √½) ≈ 7u relative; the subtraction and the
+    # running mean add a few u more. rtol = 12u = 7e-7 (error measured 4e-8); a missed
+    # clip (1 − 1 = 0) or a mean with the initial params (0.65) is far outside.
+    np.testing.assert_allclose(averaged_params(state)["w"], 1 - np.sqrt(0.5),
+                               rtol=12 * np.finfo(np.float32).eps / 2)
     with pytest.raises(ValueError, match="no WeightAveragingState found"):
         averaged_params(optax.sgd(1.0).init(params))
-    for bad in (0, -2, 1.5, True):
+    for bad in (0, -2):
         with pytest.raises(ValueError, match="every must be a positive int"):
             weight_averaging(optax.sgd(1.0), every=bad)
-    with pytest.raises(ValueError, match="params"):
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="every must be a positive int"):
+            weight_averaging(optax.sgd(1.0), every=bad)
+    with pytest.raises(ValueError, match="weight_averaging needs the current parameters"):
         tx.update({"w": jnp.ones(2)}, tx.init(params))

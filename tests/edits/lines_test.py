@@ -168,7 +168,7 @@ def test_bad_inputs():
         lines_scale(pre, ft, alpha=0.1, beta=-0.5)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         lines_scale(pre, ft, alpha=float("nan"), beta=0.5)
-    with pytest.raises(ValueError, match="beta must be"):
+    with pytest.raises(TypeError, match=r"beta must be a finite number >= 0, got None"):
         lines_merge(pre, [ft], beta=None)
     with pytest.raises(ValueError, match="alpha must be"):
         lines_merge(pre, [ft], alpha=-1.0, beta=0.5)
@@ -183,3 +183,5 @@ def test_bad_inputs():
         lines_merge(pre, [ft, other], beta=0.5)
     with pytest.raises(ValueError, match="num_blocks must be a positive int"):
         lines_coefficients(0, alpha=0.1, beta=0.1)
+    with pytest.raises(TypeError, match=r"num_blocks must be a positive int, got 2.0 \(float"):
+        lines_coefficients(2.0, alpha=0.1, beta=0.1)

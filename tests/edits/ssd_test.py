@@ -71,10 +71,15 @@ def test_matches_numpy_reference(alpha, lam):
 
 def test_bad_input():
     params, full, forget = _random_case(0)
-    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
-        with pytest.raises(ValueError, match="alpha"):
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
             ssd_dampen(params, full, forget, alpha=bad)
         with pytest.raises(ValueError, match="lam"):
+            ssd_dampen(params, full, forget, lam=bad)
+    for bad in (True, "1", None):
+        with pytest.raises(TypeError, match="alpha must be a finite number > 0"):
+            ssd_dampen(params, full, forget, alpha=bad)
+        with pytest.raises(TypeError, match="lam"):
             ssd_dampen(params, full, forget, lam=bad)
     missing = {k: v for k, v in forget.items() if k != "norm"}
     with pytest.raises(ValueError, match="fisher_forget.*norm/scale"):
@@ -158,10 +163,15 @@ def test_search_alpha_bad_input():
 
     params, full, forget = _random_case(0)
     ok = {"forget_accuracy": lambda p: 0.0}
-    for target in (-0.1, 1.5, True, "0"):
+    for target in (-0.1, 1.5):
         with pytest.raises(ValueError, match="target"):
             ssd_search_alpha(params, full, forget, target=target, **ok)
-    with pytest.raises(ValueError, match="alphas"):
+    for target in (True, "0"):
+        with pytest.raises(TypeError, match=r"target \(an accuracy\) must be a number in"):
+            ssd_search_alpha(params, full, forget, target=target, **ok)
+    with pytest.raises(ValueError, match="alphas must be a non-empty sequence"):
         ssd_search_alpha(params, full, forget, target=0.0, alphas=(), **ok)
-    with pytest.raises(ValueError, match="alphas"):
+    with pytest.raises(ValueError, match=r"alphas\[1\] must be a finite number > 0, got -1.0"):
         ssd_search_alpha(params, full, forget, target=0.0, alphas=(10.0, -1.0), **ok)
+    with pytest.raises(TypeError, match=r"alphas must be a non-empty sequence \(list or tuple\)"):
+        ssd_search_alpha(params, full, forget, target=0.0, alphas=10.0, **ok)

@@ -9,10 +9,12 @@ import numpy as np
 import optax
 import pytest
 
+import clax.methods  # noqa: F401  (registers ewc, online_ewc and l2 for make_method)
 from clax.fisher import diagonal_fisher
 from clax.models import make_model
 from clax.core import make_method
-from clax.core import BoundaryContext, TrainArrays, TrainState
+from clax.core import BoundaryContext, Classification, LanguageModeling, TrainArrays, TrainState
+from clax.data.text import synthetic_token_domains
 from clax.core import ModelFns
 
 N = 40
@@ -38,10 +40,12 @@ def _state(method, params, model_state):
                       step=jnp.zeros((), jnp.int32))
 
 
-def _ctx(fns, t, data):
-    return BoundaryContext(task_index=t, tasks=(), train=data, model=fns,
-                           steps=types.SimpleNamespace(logit_masks=None),
-                           rng=jax.random.key(100 + t), config=None)
+_CLASSIFICATION = Classification()  # one object: the Fisher's objective is a static argument
+
+
+def _ctx(fns, t, data, objective=_CLASSIFICATION):
+    return BoundaryContext(task_index=t, tasks=(), train=data, model=fns, objective=objective,
+                           rng=jax.random.key(100 + t))
 
 
 def _task_fisher(fns, params, model_state, data, t):
@@ -105,7 +109,7 @@ def test_l2_penalises_only_after_the_first_task():
     after = method.extra_args(types.SimpleNamespace(memory=state.memory))
     assert float(after["fisher"]) == 1.0
     jax.tree.map(np.testing.assert_array_equal, after["anchor"], thetas[1])
-    tx = method.transform
+    tx = method.optimizer(optax.identity())  # the penalty alone
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params, **after)
     _close(updates, jax.tree.map(lambda p, a: 0.5 * (p - a), params, thetas[1]))
@@ -128,3 +132,30 @@ def test_bad_hyperparameters():
         make_method("ewc", fisher_labels=None)
     with pytest.raises(TypeError, match=r"fisher_batch_size must be a positive int, got 8.0"):
         make_method("ewc", fisher_batch_size=8.0)
+
+
+@functools.cache  # one model and objective object: both are static in the Fisher's jit
+def _lm_setup():
+    fns, params, model_state = ModelFns.split(make_model(
+        "causal_lm", input_shape=(8,), num_classes=16, dim=16, depth=1, num_heads=2, seed=0))
+    task = synthetic_token_domains(num_tasks=1, vocab_size=16, seq_len=8, num_train=12,
+                                   num_test=1).tasks[0]
+    data = TrainArrays(task.x_train, task.y_train, np.zeros(12, np.int32))
+    return fns, params, model_state, data, LanguageModeling()
+
+
+@pytest.mark.parametrize("name", ["ewc", "online_ewc"])
+def test_consolidation_on_a_language_model(name):
+    # The run's LanguageModeling objective reaches the Fisher: token sequences (N, L) with
+    # next-token targets (the last one -1, no loss), one example = one sequence.
+    fns, params, model_state, data, objective = _lm_setup()
+    method = make_method(name, fisher_max_examples=10, fisher_batch_size=4)
+    state = method.consolidate(_state(method, params, model_state),
+                               _ctx(fns, 0, data, objective=objective))
+    fisher = state.memory.fisher
+    assert jax.tree.structure(fisher) == jax.tree.structure(params)
+    for f, p in zip(jax.tree.leaves(fisher), jax.tree.leaves(params)):
+        assert f.shape == p.shape and np.all(np.isfinite(f)) and np.all(np.asarray(f) >= 0)
+    # Every layer's Fisher is estimated, the embeddings and the per-token Dense layers too.
+    assert float(jnp.max(fisher["embed"]["embedding"])) > 0
+    assert float(jnp.max(fisher["head"]["kernel"])) > 0

@@ -199,7 +199,7 @@ def test_block_depths_depth_fn_override():
     depths, num_blocks = block_depths(params, depth_fn=lambda path: order.get(path[0], -1))
     assert num_blocks == 2
     assert depths == {"first": 0, "second": 1, "out": -1}
-    with pytest.raises(ValueError, match="depth_fn must return an int"):
+    with pytest.raises(TypeError, match=r"depth_fn must return an int >= -1.*'0' \(str\)"):
         block_depths(params, depth_fn=lambda path: "0")
     with pytest.raises(ValueError, match="depth_fn must return an int.*'first'"):
         block_depths(params, depth_fn=lambda path: -2)
@@ -240,8 +240,12 @@ def test_label_params_validates_rules():
         label_params(params, [("(", "x")])
     with pytest.raises(ValueError, match=r"rules\[1\] must be a \(pattern: str, label: str\)"):
         label_params(params, [("w", "x"), ("w",)])
-    with pytest.raises(ValueError, match="rules must be a sequence"):
+    with pytest.raises(TypeError, match="rules must be a sequence"):
         label_params(params, "w")
+    with pytest.raises(TypeError, match=r"rules\[0\] must be a \(pattern: str, label: str\)"):
+        label_params(params, [("w", 1)])
+    with pytest.raises(TypeError, match="default must be a str label or None, got 0"):
+        label_params(params, [("w", "x")], default=0)
 
 
 def test_head_backbone_labels_drive_optax_partition():

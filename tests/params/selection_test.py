@@ -211,13 +211,27 @@ def test_hft_fraction_extremes_tensor_units_and_abstract_params():
     [
         ({"stage": -1}, r"stage must be a non-negative int"),
         ({"stage": 0, "fraction": 1.5}, r"fraction must be a number in \[0, 1\]"),
-        ({"stage": 0, "unit": "row"}, r"unit must be 'module' or 'tensor'"),
+        ({"stage": 0, "unit": "row"}, r"unit must be one of \['module', 'tensor'\]"),
         ({"stage": 0, "categories": [(r"kernel$", "w")]},
          r"leaves of module 'blocks/0/attn/key' fall in different categories"),
     ],
 )
 def test_hft_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        half_fine_tuning_mask(_transformer(num_blocks=1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"stage": 1.0}, r"stage must be a non-negative int, got 1.0 \(float\)"),
+        ({"stage": 0, "seed": "0"}, r"seed must be a non-negative int, got '0' \(str\)"),
+        ({"stage": 0, "fraction": "half"}, r"fraction must be a number in \[0, 1\]"),
+        ({"stage": 0, "unit": None}, r"unit must be one of \['module', 'tensor'\], got None"),
+    ],
+)
+def test_hft_rejects_arguments_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         half_fine_tuning_mask(_transformer(num_blocks=1), **kwargs)
 
 
@@ -294,6 +308,19 @@ def test_kappatune_rejects_bad_arguments(kwargs, match):
         kappatune_mask(_random_params(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_tensors": 2.0}, r"num_tensors must be a non-negative int, got 2.0 \(float\)"),
+        ({"num_tensors": 1, "max_dim": 8.0}, r"max_dim must be None or a positive int, got 8.0"),
+        ({"fraction": True}, r"fraction must be a number in \[0, 1\], got True \(bool\)"),
+    ],
+)
+def test_kappatune_rejects_arguments_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        kappatune_mask(_random_params(), **kwargs)
+
+
 def test_kappatune_names_a_non_finite_weight():
     params = _random_params()
     params["layers"][1]["kernel"][0, 0] = np.nan
@@ -346,8 +373,15 @@ def test_fisher_mask_names_the_bad_path(fisher, match):
         fisher_importance_mask(params, fisher, freeze_fraction=0.5)
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.01, float("nan"), True, "half"])
+@pytest.mark.parametrize("bad", [-0.1, 1.01, float("nan")])
 def test_fisher_mask_rejects_fraction_outside_unit_interval(bad):
     params = {"a": np.zeros(2)}
     with pytest.raises(ValueError, match=r"freeze_fraction must be a number in \[0, 1\]"):
+        fisher_importance_mask(params, {"a": np.ones(2)}, freeze_fraction=bad)
+
+
+@pytest.mark.parametrize("bad", [True, "half", None])
+def test_fisher_mask_rejects_fraction_of_the_wrong_type(bad):
+    params = {"a": np.zeros(2)}
+    with pytest.raises(TypeError, match=r"freeze_fraction must be a number in \[0, 1\], got"):
         fisher_importance_mask(params, {"a": np.ones(2)}, freeze_fraction=bad)

@@ -15,7 +15,7 @@ from clax.core import (
     register_method,
     registered_methods,
 )
-from clax.training.baselines import union_of_seen_tasks
+from clax.methods.baselines import union_of_seen_tasks
 from tests.training.helpers import tiny_scenario
 
 

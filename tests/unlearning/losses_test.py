@@ -50,5 +50,7 @@ def test_bad_input():
         retain_loss(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match=r"ref_logits must have shape \(B, C\)"):
         npo_loss(jnp.zeros((2, 3)), jnp.zeros((3,)), jnp.zeros((2,), jnp.int32))
-    with pytest.raises(ValueError, match="beta must be a number > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0, got 0.0"):
         npo_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), beta=0.0)
+    with pytest.raises(TypeError, match=r"beta must be a finite number > 0, got '0.1' \(str\)"):
+        npo_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), beta="0.1")
