@@ -163,7 +163,8 @@ def _summary(res, scenario, *, benchmark, forget_class, buffer_size, gamma, dtyp
     metrics = {name: {k: m[k] for k in _METRICS} for name, m in (
         ("before", res.original_metrics), ("acu", res.metrics), ("refit", res.reference_metrics))}
     t = res.times
-    unlearn_times, refit_times = t.get("unlearn_repeats_s") or [], t.get("reference_repeats_s") or []
+    unlearn_times = t.get("unlearn_repeats_s") or []
+    refit_times = t.get("reference_repeats_s") or []
     return {
         "benchmark": benchmark,
         "scenario": scenario.name,

@@ -19,13 +19,11 @@ empty the replay terms have weight 0.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clax._validation import check_real
+from clax._validation import check_int, check_positive_int, check_real
 from clax.replay.buffer import BufferState, balanced_insert, init_buffer, reservoir_insert, sample
 from clax.replay.reptile import reptile
 from clax.core import (
@@ -43,16 +41,10 @@ from clax.core import (
 )
 from clax.transforms.agem import agem as agem_transform
 
-PyTree = Any
+from clax.typing import PyTree
 
 # fold_in constants: independent keys for the step's replay draws.
 _INSERT, _SAMPLE, _SAMPLE_2 = 0, 1, 2
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _key(ctx: StepContext, purpose: int) -> jax.Array:
@@ -151,7 +143,7 @@ def er(*, buffer_size: int = 200, replay_ratio: float = 1.0) -> Method:
     Raises:
         ValueError: On a hyperparameter out of range.
     """
-    buffer_size = _check_positive_int("buffer_size", buffer_size)
+    buffer_size = check_positive_int("buffer_size", buffer_size)
     ratio = check_real("replay_ratio", replay_ratio, 0.0, math.inf, low_open=True,
                         high_open=True)
     return _mixed_batch_method("er", buffer_size=buffer_size, replay_ratio=ratio)
@@ -193,7 +185,7 @@ def derpp(*, buffer_size: int = 200, alpha: float = 0.1, beta: float = 0.5,
     Raises:
         ValueError: On a hyperparameter out of range.
     """
-    buffer_size = _check_positive_int("buffer_size", buffer_size)
+    buffer_size = check_positive_int("buffer_size", buffer_size)
     alpha = check_real("alpha", alpha, 0.0, math.inf, low_open=False, high_open=True)
     beta = check_real("beta", beta, 0.0, math.inf, low_open=False, high_open=True)
     ratio = check_real("replay_ratio", replay_ratio, 0.0, math.inf, low_open=True,
@@ -253,9 +245,9 @@ def agem(*, buffer_size: int = 200, reference_size: int = 256, max_tasks: int = 
     Raises:
         ValueError: On a hyperparameter out of range.
     """
-    buffer_size = _check_positive_int("buffer_size", buffer_size)
-    reference_size = _check_positive_int("reference_size", reference_size)
-    max_tasks = _check_positive_int("max_tasks", max_tasks)
+    buffer_size = check_positive_int("buffer_size", buffer_size)
+    reference_size = check_positive_int("reference_size", reference_size)
+    max_tasks = check_positive_int("max_tasks", max_tasks)
 
     def extra_args(ctx: StepContext) -> dict[str, PyTree]:
         past = ctx.memory.task_ids < ctx.task_index
@@ -326,13 +318,12 @@ def replay_reptile(*, buffer_size: int = 200, replay_fraction: float = 0.25,
     Raises:
         ValueError: On a hyperparameter out of range.
     """
-    buffer_size = _check_positive_int("buffer_size", buffer_size)
+    buffer_size = check_positive_int("buffer_size", buffer_size)
     alpha = check_real("replay_fraction", replay_fraction, 0.0, 1.0, low_open=True,
                         high_open=True)
-    every = _check_positive_int("reptile_every", reptile_every)
+    every = check_positive_int("reptile_every", reptile_every)
     eps = check_real("meta_lr", meta_lr, 0.0, 1.0, low_open=True, high_open=False)
-    if isinstance(start_task, bool) or not isinstance(start_task, int) or start_task < 0:
-        raise ValueError(f"start_task must be an int >= 0, got {start_task!r}")
+    start_task = check_int("start_task", start_task, low=0)
     return _mixed_batch_method(
         "replay_reptile", buffer_size=buffer_size, replay_ratio=alpha / (1.0 - alpha),
         wrapper=lambda tx: reptile(tx, every=every, meta_lr=eps), start_task=start_task,

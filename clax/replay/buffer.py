@@ -37,7 +37,7 @@ import numpy as np
 from clax._validation import check_choice, check_int_sequence, check_positive_int
 from clax.core import Batch, take
 
-PyTree = Any
+from clax.typing import PyTree
 GroupBy = Literal["label", "task"]
 
 

@@ -9,14 +9,14 @@ al., ICLR 2019). Defaults follow IBM AISteer360 ``structural_control/mer``
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
-PyTree = Any
+from clax._validation import check_params_given, check_positive_int, check_real
+from clax.typing import PyTree
 
 
 class ReptileState(NamedTuple):
@@ -72,11 +72,8 @@ def reptile(
         Nichol et al., "On First-Order Meta-Learning Algorithms", 2018,
         https://arxiv.org/abs/1803.02999.
     """
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
-    if (isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float))
-            or not 0 < meta_lr <= 1):
-        raise ValueError(f"meta_lr must be a number in (0, 1], got {meta_lr!r}")
+    every = check_positive_int("every", every)
+    check_real("meta_lr", meta_lr, 0.0, 1.0, low_open=True, high_open=False)
     inner = optax.with_extra_args_support(inner)
     eps = float(meta_lr)
 
@@ -89,8 +86,7 @@ def reptile(
     def update_fn(updates: PyTree, state: ReptileState, params: PyTree | None = None,
                   *, reptile_active: jax.typing.ArrayLike = True, **extra_args
                   ) -> tuple[PyTree, ReptileState]:
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+        check_params_given(params, "reptile")
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
         count = optax.safe_increment(state.count)
         active = jnp.asarray(reptile_active, bool)

@@ -16,6 +16,7 @@ from clax.training.config import (
 from clax.training.loop import NonFiniteLossError, Progress, RunResult, train_continual
 from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, StepMetrics
+from clax.training.unlearn import UnlearnResult, default_unlearn_config, unlearn
 
 __all__ = [
     "NonFiniteLossError",
@@ -23,6 +24,7 @@ __all__ = [
     "RunResult",
     "StepFns",
     "StepMetrics",
+    "UnlearnResult",
     "build_method",
     "build_model",
     "build_objective",
@@ -30,5 +32,7 @@ __all__ = [
     "build_scenario",
     "data_mesh",
     "default_config",
+    "default_unlearn_config",
     "train_continual",
+    "unlearn",
 ]

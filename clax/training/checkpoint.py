@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import jax
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from clax.typing import PyTree
 
 
 class Checkpointer:

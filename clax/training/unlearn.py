@@ -702,7 +702,8 @@ def _run_gradient(run: _Run, target: float | None) -> tuple[TrainState, _Progres
     run_start = time.perf_counter()
     while True:
         s = progress.step
-        if (s % every == 0 or s == steps) and not (progress.trace and progress.trace[-1]["step"] == s):
+        checked = bool(progress.trace) and progress.trace[-1]["step"] == s
+        if (s % every == 0 or s == steps) and not checked:
             start = time.perf_counter()
             value = run.ev.metrics(state, forget_eval)[spec.name]
             progress.eval_s += time.perf_counter() - start

@@ -46,11 +46,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 from clax._validation import check_choice, check_params_given, check_real
 from clax.fisher.estimators import check_fisher
-from clax.params.paths import check_same_structure
+from clax.params.paths import (
+    align_to,
+    check_same_structure,
+    leaves_by_path,
+    path_str,
+    plain_path,
+    pure_tree,
+)
 from clax.typing import PyTree
 
 MODES = ("separate", "online")
@@ -68,9 +77,45 @@ def _is_scalar(x: Any) -> bool:
     return not isinstance(x, (dict, list, tuple)) and jnp.ndim(x) == 0
 
 
+ALIASED_ANCHOR_MSG = (
+    "anchor is the live parameters: anchor and params are the same {what} at {path!r}, so "
+    "θ − θ* is 0 at every step and the penalty does nothing (nnx.state(model, nnx.Param) "
+    "is a view of the model, not a snapshot). Pass a copy taken when the task ends, e.g. "
+    "anchor = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))"
+)
+
+
+def check_anchor_not_params(anchor: PyTree, params: PyTree) -> None:
+    """Raises if `anchor` is (a view of) the parameters themselves.
+
+    Compares Python identities, leaf by leaf (matched by path): the same ``nnx.Variable``
+    objects (``anchor=nnx.state(model, nnx.Param)``), or the same arrays / tracers
+    (``nnx.Optimizer`` unwraps both the parameters and that state to the very same
+    arrays, eagerly and under ``nnx.jit``). A copy (``jnp.copy``) never matches.
+
+    Raises:
+        ValueError: Naming ``anchor`` and the first aliased path.
+    """
+    def wrapped(tree):
+        pairs = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+        return {plain_path(p): x for p, x in pairs}
+
+    for by_path, what in ((wrapped, "nnx.Variable"), (leaves_by_path, "array")):
+        ps = by_path(params)
+        for path, a in by_path(anchor).items():
+            # Python scalars are interned: only array (tracer) or Variable identity counts.
+            if isinstance(a, (jax.Array, np.ndarray, nnx.Variable)) and ps.get(path) is a:
+                raise ValueError(ALIASED_ANCHOR_MSG.format(what=what, path=path_str(path)))
+
+
 def _penalty_update(lam: float, fisher: PyTree | None, anchor: PyTree, updates: PyTree,
                     params: PyTree) -> PyTree:
-    check_same_structure(anchor, params, names=("anchor", "params"))
+    # Every tree is read by path in the structure of the updates: pure dicts and the
+    # nnx.State that nnx.Optimizer passes (or nnx.Param-wrapped leaves) mix freely.
+    check_anchor_not_params(anchor, params)
+    params = align_to(params, updates, names=("params", "the updates"))
+    anchor = align_to(anchor, params, names=("anchor", "params"))
     if fisher is None or _is_scalar(fisher):
         concrete = fisher is not None and not isinstance(fisher, jax.core.Tracer)
         if concrete and not (float(fisher) >= 0 and math.isfinite(float(fisher))):
@@ -81,6 +126,7 @@ def _penalty_update(lam: float, fisher: PyTree | None, anchor: PyTree, updates: 
             return (u + (scale * (p - a)).astype(u.dtype)).astype(u.dtype)
 
         return jax.tree.map(add, updates, params, anchor)
+    fisher = align_to(fisher, params, names=("fisher", "params"))
     check_fisher(fisher, params)
 
     def add_f(u, p, f, a):

@@ -9,7 +9,7 @@ from clax.methods.gpm import gpm, gpm_memory
 from clax.models import make_model
 from clax.params.paths import path_str
 from clax.subspace import SubspaceBasis, orthonormality_error
-from clax.core import Batch, ModelFns, make_method
+from clax.core import Batch, Classification, ModelFns, make_method
 from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches
 from clax.core import BoundaryContext, TrainState, current_task_data
@@ -53,7 +53,7 @@ def test_training_keeps_old_inputs_protected():
 
     state, data0 = train(state, 0)
     ctx = BoundaryContext(task_index=0, tasks=scenario.tasks, train=data0, model=fns,
-                          steps=steps, rng=jax.random.key(0), config=None)
+                          objective=steps.objective, rng=jax.random.key(0))
     state = method.consolidate(state, ctx)
     bases = jax.tree.map(np.asarray, bases_of(state.memory))  # the next chunk donates it
     # num_samples >= the task size: layer 0's representation is the whole task's inputs.
@@ -89,7 +89,7 @@ def test_consolidates_a_multi_head_cnn():
     for t in range(2):
         ctx = BoundaryContext(task_index=t, tasks=scenario.tasks,
                               train=current_task_data(scenario.tasks, t), model=fns,
-                              steps=None, rng=jax.random.key(t), config=None)
+                              objective=Classification(), rng=jax.random.key(t))
         new = method.consolidate(state, ctx)
         assert jax.tree.structure(new.memory) == jax.tree.structure(state.memory)
         state = new

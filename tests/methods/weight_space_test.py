@@ -72,7 +72,7 @@ def _manual_state(method, steps_per_task=5, tasks=2, base=None):
             state, _ = steps.run_chunk(state, batch, row[None], t)
             history.append(jax.device_get(state.params))
         ctx = BoundaryContext(task_index=t, tasks=scenario.tasks, train=data, model=fns,
-                              steps=steps, rng=jax.random.key(t), config=None)
+                              objective=steps.objective, rng=jax.random.key(t))
         if m.consolidate is not None:
             state = steps.place_state(m.consolidate(state, ctx))
     return state, history, fns, scenario

@@ -4,12 +4,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clax.models import MLP, MODELS, ResNet18, SmallCNN, TinyViT, make_model, model_kwargs
+from clax.models import (
+    MLP,
+    MODELS,
+    ResNet18,
+    SmallCNN,
+    TinyCausalLM,
+    TinyViT,
+    make_model,
+    model_kwargs,
+)
 from tests.models.models_test import images
 
 
 def test_registry_contents():
-    assert MODELS == {"mlp": MLP, "cnn": SmallCNN, "resnet18": ResNet18, "vit": TinyViT}
+    assert MODELS == {"mlp": MLP, "cnn": SmallCNN, "resnet18": ResNet18, "vit": TinyViT,
+                      "causal_lm": TinyCausalLM}
 
 
 def test_model_kwargs():
@@ -17,13 +27,29 @@ def test_model_kwargs():
     assert model_kwargs("cnn") == ("channels", "hidden")
     assert model_kwargs("resnet18") == ("width",)
     assert model_kwargs("vit") == ("patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+    assert model_kwargs("causal_lm") == ("dim", "depth", "num_heads", "mlp_ratio")
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "causal_lm"])
 def test_make_model_defaults(name):
     model = nnx.eval_shape(lambda: make_model(name, input_shape=(32, 32, 3), num_classes=7))
     assert type(model) is MODELS[name]
     assert model.input_shape == (32, 32, 3) and model.num_classes == 7 and model.num_tasks == 1
+
+
+def test_causal_lm_maps_tokens_to_next_token_logits_causally():
+    model = make_model("causal_lm", input_shape=(6,), num_classes=11, dim=8, depth=1,
+                       num_heads=2, seed=0)
+    assert (model.input_shape, model.num_classes, model.num_tasks) == ((6,), 11, 1)
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % 11
+    logits = model(tokens)
+    assert logits.shape == (2, 6, 11) and model(tokens[:, :4]).shape == (2, 4, 11)
+    changed = tokens.copy()
+    changed[:, 4] = (changed[:, 4] + 1) % 11  # a later token cannot change earlier logits
+    np.testing.assert_allclose(model(changed)[:, :4], logits[:, :4], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(model(changed)[:, 4], logits[:, 4])
+    with pytest.raises(ValueError, match="L <= max_len=6"):
+        model(np.zeros((1, 7), np.int32))
 
 
 def test_make_model_forwards_kwargs():

@@ -1,6 +1,7 @@
 """Tests for clax.subspace.representations: patch layout, columns, jitted collection."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,16 @@ import optax
 import pytest
 from flax import nnx
 
-from clax.core import BoundaryContext, LanguageModeling, ModelFns, TrainState, current_task_data
+import clax.methods  # noqa: F401  (registers gpm for make_method)
+from clax.core import (
+    Batch,
+    BoundaryContext,
+    LanguageModeling,
+    ModelFns,
+    TrainState,
+    current_task_data,
+    make_method,
+)
 from clax.data.text import synthetic_token_domains
 from clax.models import make_model
 from clax.params.paths import path_str
@@ -183,9 +193,6 @@ def test_gpm_step_on_a_language_model_runs_and_keeps_shapes():
     # GPM on token sequences: consolidation reads the tokens the model sees (no labels),
     # the next step projects every Linear kernel and freezes 1-D parameters, while the
     # embedding table and pos_embed (no basis: not Linear kernels) train freely.
-    import clax.methods  # noqa: F401  (registers gpm)
-    from clax.core import make_method
-
     fns, params, state, scenario = _lm()
     objective = LanguageModeling()
     method = make_method("gpm", num_samples=16, max_columns=64)
@@ -204,8 +211,7 @@ def test_gpm_step_on_a_language_model_runs_and_keeps_shapes():
     assert "embed/embedding" not in bases and "pos_embed" not in bases
     assert all(int(b.rank) > 0 for b in bases.values())
 
-    from clax.core import Batch
-    batch = Batch(jnp.asarray(data.x[:8]), jnp.asarray(data.y[:8]), jnp.asarray(data.task_ids[:8]))
+    batch = Batch(*(jnp.asarray(a[:8]) for a in data))
 
     def loss(p):
         outputs = fns.apply(p, state, batch.x, batch.task_ids, train=False)[0]
@@ -213,21 +219,15 @@ def test_gpm_step_on_a_language_model_runs_and_keeps_shapes():
 
     grads = jax.grad(loss)(params)
     updates, _ = tx.update(grads, new.opt_state, params, **method.extra_args(
-        type("Ctx", (), {"memory": new.memory})()))
+        types.SimpleNamespace(memory=new.memory)))
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     flat = {path_str(p): u for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    shapes = {path_str(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     for path, u in flat.items():
-        assert u.shape == np.shape(_get(params, path)) and np.all(np.isfinite(u)), path
+        assert u.shape == shapes[path] and np.all(np.isfinite(u)), path
         if path in bases:  # Linear kernels: the update is orthogonal to the basis
             m = np.asarray(bases[path].vectors)
             assert np.abs(m.T @ np.asarray(u)).max() < 1e-5 * max(np.abs(u).max(), 1e-12) + 1e-7
         elif np.ndim(u) == 1:  # biases, LayerNorms: frozen after the first task
             np.testing.assert_array_equal(u, 0.0)
     assert np.abs(flat["embed/embedding"]).max() > 0 and np.abs(flat["pos_embed"]).max() > 0
-
-
-def _get(tree, path):
-    for key in path.split("/"):
-        tree = tree[int(key)] if isinstance(tree, (list, tuple)) else tree[
-            int(key) if key.isdigit() and int(key) in tree else key]
-    return tree
