@@ -137,6 +137,19 @@ def check_unit_interval(name: str, value: Any) -> float:
 
 
 def check_positive_int(name: str, value: Any) -> int:
+    """An int ``>= 1`` (not a bool).
+
+    >>> check_positive_int("buffer_size", 200)
+    200
+    >>> check_positive_int("buffer_size", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: buffer_size must be a positive int, got 0
+    """
+    return _check_positive_int_impl(name, value)
+
+
+def _check_positive_int_impl(name: str, value: Any) -> int:
     """An int ``>= 1`` (not a bool): ``name must be a positive int, got ...``."""
     return check_int(name, value, low=1)
 

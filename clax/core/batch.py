@@ -70,7 +70,11 @@ class DataSpec(NamedTuple):
 
 
 def num_examples(tree: PyTree) -> int:
-    """The leading-axis size shared by every leaf of `tree` (a batch or task arrays)."""
+    """The leading-axis size shared by every leaf of `tree` (a batch or task arrays).
+
+    >>> num_examples({"tokens": np.zeros((5, 8)), "mask": np.ones((5, 8))})
+    5
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError("a batch must hold at least one array")

@@ -156,7 +156,17 @@ def chain_around(
 
 
 def before(tx: optax.GradientTransformation) -> OptimizerFn:
-    """``base -> chain(tx, base)``: `tx` sees the raw gradient (projections, penalties)."""
+    """``base -> chain(tx, base)``: `tx` sees the raw gradient (projections, penalties).
+
+    >>> import jax.numpy as jnp
+    >>> tx = before(optax.clip(0.1))(optax.sgd(0.5))   # clip the gradient, then SGD
+    >>> g = {"w": jnp.ones(2)}
+    >>> tx.update(g, tx.init(g), g)[0]["w"].tolist()
+    [-0.05000000074505806, -0.05000000074505806]
+    >>> tx = after(optax.clip(0.1))(optax.sgd(0.5))    # SGD, then clip the update
+    >>> tx.update(g, tx.init(g), g)[0]["w"].tolist()
+    [-0.10000000149011612, -0.10000000149011612]
+    """
     return chain_around(before=tx)
 
 

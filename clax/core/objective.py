@@ -154,6 +154,15 @@ class LanguageModeling:
     per-example ``weights``, ``Σ_i w_i Σ_t m_it ℓ_it / Σ_i w_i Σ_t m_it``). Metrics: ``loss``
     (nats per token; the primary metric), ``perplexity`` = exp(loss) of the pooled tokens,
     and ``token_accuracy``.
+
+    Example: uniform logits over 4 tokens cost log 4 nats per counted token; the target
+    ``-1`` is not counted:
+
+    >>> import numpy as np
+    >>> batch = Batch(x=np.zeros((1, 3), np.int32), y=np.array([[1, 2, -1]]),
+    ...               task_ids=np.zeros(1, np.int32))
+    >>> round(float(LanguageModeling().loss(np.zeros((1, 3, 4)), batch)), 4)
+    1.3863
     """
 
     metrics: tuple[MetricSpec, ...] = (MetricSpec("loss", False),

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 
 from clax._validation import check_bool, check_real
-from clax.params.paths import path_str
 from clax.core import (
     BoundaryContext,
     Method,
@@ -26,12 +25,13 @@ from clax.core import (
     chain_around,
     register_method,
 )
+from clax.params.paths import path_str, pure_tree
 from clax.transforms.coso import CoSOState, coso_bases, coso_task_end
 from clax.transforms.coso import coso as coso_transform
 from clax.transforms.ema import find_state
 from clax.typing import PyTree
 
-__all__ = ["coso", "freeze_after_first_task"]
+__all__ = ["coso", "coso_update_memory", "freeze_after_first_task"]
 
 
 def freeze_after_first_task(frozen: PyTree) -> optax.GradientTransformationExtraArgs:
@@ -62,6 +62,43 @@ def freeze_after_first_task(frozen: PyTree) -> optax.GradientTransformationExtra
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_task_end = jax.jit(coso_task_end)
+
+
+def coso_update_memory(bases: PyTree, opt_state: optax.OptState, *, threshold: float = 0.98
+                       ) -> tuple[PyTree, optax.OptState]:
+    """CoSO's task-end update as a plain function: merge the sketches, reset the state.
+
+    Each Frequent Directions sketch of the optimizer state is merged into its historical
+    basis with CoSO's energy rule (:func:`clax.transforms.coso.merge_sketch`), and the
+    sketch, ``P``, the step count and the Adam moments are reset. The ``coso`` method's
+    ``consolidate`` hook is this function.
+
+    Args:
+        bases: The historical bases (the method's memory, ``coso_bases(params, mask=...)``).
+        opt_state: The optimizer state holding the ``CoSOState`` (``nnx.Variable``
+            wrappers, as in ``nnx.Optimizer.opt_state``, are read through).
+        threshold: Energy threshold of the merge, in ``(0, 1)``.
+
+    Returns:
+        ``(new bases, opt_state with the CoSO state reset)``, same structures (pure
+        arrays; with ``nnx.Optimizer``: ``nnx.update(optimizer.opt_state,
+        nnx.state(new_opt_state))``).
+
+    Raises:
+        TypeError: On a non-number ``threshold``.
+        ValueError: On ``threshold`` outside ``(0, 1)``, or no ``CoSOState`` in
+            ``opt_state``.
+    """
+    threshold = check_real("threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
+    opt_state = pure_tree(opt_state)
+    found = find_state(opt_state, CoSOState)
+    new_bases, reset = _task_end(pure_tree(bases), found, threshold=jnp.float32(threshold))
+    opt_state = jax.tree.map(lambda x: reset if isinstance(x, CoSOState) else x,
+                             opt_state, is_leaf=lambda x: isinstance(x, CoSOState))
+    return new_bases, opt_state
 
 
 def _labels(params: PyTree, head_pattern: str) -> tuple[PyTree, PyTree]:
@@ -184,14 +221,10 @@ def coso(
     def extra_args(ctx: StepContext) -> dict[str, Any]:
         return {"bases": ctx.memory, "task_index": ctx.task_index}
 
-    task_end = jax.jit(coso_task_end)
-
     def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
         del ctx
-        found = find_state(state.opt_state, CoSOState)
-        bases, reset = task_end(state.memory, found, threshold=jnp.float32(threshold))
-        opt_state = jax.tree.map(lambda x: reset if isinstance(x, CoSOState) else x,
-                                 state.opt_state, is_leaf=lambda x: isinstance(x, CoSOState))
+        bases, opt_state = coso_update_memory(state.memory, state.opt_state,
+                                              threshold=threshold)
         return state._replace(memory=bases, opt_state=opt_state)
 
     post = None

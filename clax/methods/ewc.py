@@ -22,15 +22,19 @@ formulas). The penalty convention is ``(λ/2)·Σ F(θ − θ*)²`` (with the ½
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from clax._validation import check_choice, check_int
-from clax.fisher.estimators import GRANULARITIES, LABELS, NORMALIZATIONS, diagonal_fisher
 from clax.core import (
     BoundaryContext,
+    Classification,
     Method,
+    Objective,
     StepContext,
     TrainArrays,
     TrainState,
@@ -39,7 +43,12 @@ from clax.core import (
     register_method,
     take,
 )
+from clax.fisher.estimators import GRANULARITIES, LABELS, NORMALIZATIONS, diagonal_fisher
+from clax.methods.gpm import model_arrays, task_arrays
+from clax.params.paths import pure_tree
 from clax.transforms.ewc import (
+    MODES,
+    EWCMemory,
     _check_decay,
     _check_lam,
     consolidate_ewc,
@@ -78,7 +87,115 @@ def _fisher_fn(labels: str, granularity: str, normalization: str, batch_size: in
     return fisher
 
 
-def _ewc_method(name: str, lam: float, mode: str, decay: float, fisher_fn) -> Method:
+# One object: the Fisher's objective is a static argument of its jitted core, so a new
+# default per call would recompile it at every task end.
+_CLASSIFICATION = Classification()
+
+
+def _fisher_options(labels: str, granularity: str, normalization: str, batch_size: int,
+                    max_examples: int) -> dict[str, Any]:
+    """The Fisher options of :func:`ewc_update_memory`, checked (by `_fisher_fn`)."""
+    _fisher_fn(labels, granularity, normalization, batch_size, max_examples)
+    return {"fisher_labels": labels, "fisher_granularity": granularity,
+            "fisher_normalization": normalization, "fisher_batch_size": batch_size,
+            "fisher_max_examples": max_examples}
+
+
+def ewc_update_memory(
+    model: Any,
+    memory: EWCMemory | None,
+    data: Any,
+    *,
+    params: PyTree = None,
+    model_state: PyTree = None,
+    objective: Objective | None = None,
+    mode: str = "separate",
+    decay: float = 1.0,
+    fisher_labels: str = "true",
+    fisher_granularity: str = "example",
+    fisher_normalization: str = "mean",
+    fisher_batch_size: int = 64,
+    fisher_max_examples: int = 0,
+    key: jax.Array | None = None,
+) -> EWCMemory:
+    """EWC's task-end update as a plain function: adds the finished task to the memory.
+
+    Estimates the diagonal Fisher of `data` at the current parameters (model in
+    evaluation mode, :func:`clax.fisher.diagonal_fisher`) and folds it and the parameters
+    into the memory with :func:`clax.transforms.ewc.consolidate_ewc` (``mode="separate"``:
+    one penalty per task, the ``ewc`` method; ``"online"``: ``F ← γ·F + F_new`` and
+    ``θ* ← θ``, ``online_ewc``). The ``ewc`` and ``online_ewc`` methods' ``consolidate``
+    hooks are this function.
+
+    In a user's own loop (``nnx.Optimizer``)::
+
+        optimizer = nnx.Optimizer(model, clax.before(ewc_penalty(lam=10.0))(optax.sgd(0.01)),
+                                  wrt=nnx.Param)
+        memory = init_ewc_memory(nnx.state(model, nnx.Param))
+        for task in tasks:
+            ...  # steps: optimizer.update(model, grads, fisher=memory.fisher,
+                 #                         anchor=memory.anchor)
+            memory = ewc_update_memory(model, memory, (task.x_train, task.y_train))
+
+    Args:
+        model: An ``nnx.Module`` (its current parameters are used) or a
+            :class:`clax.core.ModelFns` with ``params=`` (and ``model_state=``). Pass the
+            same ``ModelFns`` every task to compile the Fisher once (an ``nnx.Module`` of
+            the same architecture is mapped to one cached ``ModelFns``).
+        memory: From :func:`clax.transforms.ewc.init_ewc_memory` (same ``mode``) or a
+            previous update; None starts from an empty one.
+        data: The task's ``(x, y)``, ``(x, y, task_ids)`` or a ``clax.core.TrainArrays`` /
+            ``Batch``: ``y`` what `objective` reads (class ids, next-token targets).
+        params: The parameters (pure dict or ``nnx.State``); default the model's own.
+        model_state: The non-parameter variables; default the model's own (``{}`` with a
+            ``ModelFns``).
+        objective: The task loss (``clax.core.Classification()`` by default;
+            ``LanguageModeling()`` for a language model). Keep the same object across
+            calls (a static argument of the Fisher's jitted core).
+        mode: ``"separate"`` or ``"online"``.
+        decay: ``γ ∈ [0, 1]`` (``"online"`` only).
+        fisher_labels, fisher_granularity, fisher_normalization, fisher_batch_size,
+            fisher_max_examples: As in :func:`ewc`.
+        key: PRNG key of the Fisher (sampled labels, example subset); default
+            ``jax.random.key(0)``.
+
+    Returns:
+        The new :class:`~clax.transforms.ewc.EWCMemory` (pure dicts; new arrays, never the
+        live parameters): pass ``fisher=memory.fisher, anchor=memory.anchor`` to
+        :func:`~clax.transforms.ewc.ewc_penalty`.
+
+    Raises:
+        TypeError: On a model that is neither an ``nnx.Module`` nor a ``ModelFns``, data
+            without targets, or options of the wrong type.
+        ValueError: On options out of range, or a memory made for the other ``mode``.
+    """
+    caller = "ewc_update_memory"
+    check_choice("mode", mode, MODES)
+    decay = _check_decay(decay)
+    fisher_fn = _fisher_fn(fisher_labels, fisher_granularity, fisher_normalization,
+                           fisher_batch_size, fisher_max_examples)
+    fns, params, model_state = model_arrays(model, params, model_state, caller=caller)
+    memory = init_ewc_memory(params, mode=mode) if memory is None else pure_tree(memory)
+    if not isinstance(memory, EWCMemory):
+        raise TypeError(f"{caller}: memory must be an EWCMemory (init_ewc_memory) or None, "
+                        f"got {type(memory).__name__}")
+    if (memory.weighted_anchor == ()) != (mode == "online"):
+        made = "online" if memory.weighted_anchor == () else "separate"
+        raise ValueError(f'{caller}: memory was made for mode="{made}", not mode="{mode}"')
+    train = task_arrays(data, caller=caller, need_y=True)
+    key = jax.random.key(0) if key is None else key
+    objective = _CLASSIFICATION if objective is None else objective
+    # _fisher_fn reads a (state, context) pair, as the hooks get them.
+    state = TrainState(params=params, model_state=model_state, opt_state=(), memory=memory,
+                       rng=key, step=np.int32(0))
+    ctx = BoundaryContext(task_index=0, tasks=(), train=train, model=fns,
+                          objective=objective, rng=key)
+    fisher, params = fisher_fn(state, ctx)
+    return consolidate_ewc(jax.device_get(memory), fisher, params, mode=mode, decay=decay)
+
+
+def _ewc_method(name: str, lam: float, mode: str, decay: float,
+                fisher_options: dict[str, Any]) -> Method:
     def init_memory(params: PyTree) -> PyTree:
         return init_ewc_memory(params, mode=mode)
 
@@ -86,10 +203,10 @@ def _ewc_method(name: str, lam: float, mode: str, decay: float, fisher_fn) -> Me
         return {"fisher": ctx.memory.fisher, "anchor": ctx.memory.anchor}
 
     def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
-        fisher, params = fisher_fn(state, ctx)
-        memory = jax.device_get(state.memory)
-        return state._replace(memory=consolidate_ewc(memory, fisher, params, mode=mode,
-                                                     decay=decay))
+        return state._replace(memory=ewc_update_memory(
+            ctx.model, state.memory, ctx.train, params=state.params,
+            model_state=state.model_state, objective=ctx.objective, mode=mode, decay=decay,
+            key=ctx.rng, **fisher_options))
 
     return Method(name=name, optimizer=before(ewc_penalty(lam=lam)), init_memory=init_memory,
                   extra_args=extra_args, consolidate=consolidate)
@@ -139,9 +256,9 @@ def ewc(
         ValueError: On a hyperparameter out of range.
     """
     lam = _check_lam(lam)
-    fisher_fn = _fisher_fn(fisher_labels, fisher_granularity, fisher_normalization,
-                           fisher_batch_size, fisher_max_examples)
-    return _ewc_method("ewc", lam, "separate", 1.0, fisher_fn)
+    options = _fisher_options(fisher_labels, fisher_granularity, fisher_normalization,
+                              fisher_batch_size, fisher_max_examples)
+    return _ewc_method("ewc", lam, "separate", 1.0, options)
 
 
 @register_method("online_ewc")
@@ -179,9 +296,9 @@ def online_ewc(
     """
     lam = _check_lam(lam)
     decay = _check_decay(decay)
-    fisher_fn = _fisher_fn(fisher_labels, fisher_granularity, fisher_normalization,
-                           fisher_batch_size, fisher_max_examples)
-    return _ewc_method("online_ewc", lam, "online", decay, fisher_fn)
+    options = _fisher_options(fisher_labels, fisher_granularity, fisher_normalization,
+                              fisher_batch_size, fisher_max_examples)
+    return _ewc_method("online_ewc", lam, "online", decay, options)
 
 
 @register_method("l2")
@@ -216,10 +333,31 @@ def l2(*, lam: float = 0.1) -> Method:
 
     def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
         del ctx
-        return state._replace(memory={
-            "anchor": jax.tree.map(jnp.copy, state.params),
-            "count": state.memory["count"] + 1,
-        })
+        return state._replace(memory=l2_update_memory(state.params, state.memory))
 
     return Method(name="l2", optimizer=before(ewc_penalty(lam=lam)), init_memory=init_memory,
                   extra_args=extra_args, consolidate=consolidate)
+
+
+def l2_update_memory(model_or_params: Any, memory: PyTree | None = None) -> PyTree:
+    """L2's task-end update as a plain function: the anchor becomes a copy of the params.
+
+    The ``l2`` method's ``consolidate`` hook is this function. In a user's own loop, pass
+    ``anchor=memory["anchor"]`` to :func:`clax.transforms.ewc.l2_penalty` once
+    ``memory["count"] > 0`` (or ``fisher=(count > 0)`` to ``ewc_penalty``, as ``l2`` does)::
+
+        memory = l2_update_memory(model)  # at the end of each task (None the first time)
+
+    Args:
+        model_or_params: An ``nnx.Module`` (its ``nnx.Param`` variables), or the
+            parameters as a pure dict or ``nnx.State``.
+        memory: The previous ``{"anchor", "count"}`` memory, or None (count 0).
+
+    Returns:
+        ``{"anchor": copy of the params (pure dict, new buffers), "count": int32 () count
+        of task ends so far}``.
+    """
+    params = (nnx.state(model_or_params, nnx.Param) if isinstance(model_or_params, nnx.Module)
+              else model_or_params)
+    count = jnp.zeros((), jnp.int32) if memory is None else jnp.asarray(memory["count"])
+    return {"anchor": jax.tree.map(jnp.copy, pure_tree(params)), "count": count + 1}

@@ -40,15 +40,26 @@ from flax import nnx
 from clax._validation import (
     check_bool,
     check_choice,
+    check_int,
     check_positive_int,
     check_real,
     check_sequence,
 )
+from clax.core import (
+    BoundaryContext,
+    Method,
+    ModelFns,
+    TrainArrays,
+    TrainState,
+    after,
+    before,
+    num_examples,
+    register_method,
+)
 from clax.models.capture import capture_layer_inputs
-from clax.params.paths import path_str, plain_path
+from clax.params.paths import path_str, plain_path, pure_tree
 from clax.subspace.basis import SubspaceBasis, empty_basis, grow_basis
 from clax.subspace.representations import DEFAULT_MAX_COLUMNS, collect_representations
-from clax.core import BoundaryContext, Method, TrainState, after, before, register_method
 from clax.transforms.projection import bases_by_path, one_dimensional, subspace_projection
 from clax.typing import Path, PyTree
 
@@ -93,9 +104,78 @@ def gpm_memory(params: PyTree, dtype: Any = jnp.float32) -> PyTree:
         n = _projected_fan_in(prefix, tree)
         return None if n is None else empty_basis(n, dtype=dtype)
 
+    params = pure_tree(params)  # an nnx.State (of nnx.Param) reads as its pure dict
     if not isinstance(params, dict):
         raise TypeError(f"params must be a nested dict (nnx.to_pure_dict), got {type(params)}")
     return build(params, ()) or {}
+
+
+# ------------------------------------------------------------------ user-loop helpers
+# (shared with clax.methods.ewc: a model as a user has it, and task data as arrays)
+
+_FNS_CACHE: dict[tuple, ModelFns] = {}
+
+
+def model_arrays(model: Any, params: PyTree = None, model_state: PyTree = None, *,
+                 caller: str) -> tuple[ModelFns, PyTree, PyTree]:
+    """``(ModelFns, params, model_state)`` (pure dicts) from what a user's loop holds.
+
+    Args:
+        model: An ``nnx.Module`` (split with :meth:`clax.core.ModelFns.split`; its
+            parameters and other variables are used unless given) or a `ModelFns`.
+        params: The parameters (pure dict or ``nnx.State``); required with a `ModelFns`.
+        model_state: The non-parameter variables (BatchNorm statistics); with a
+            `ModelFns` and no such variables, leave it None (``{}``).
+        caller: The public function's name, for error messages.
+
+    Splitting the same architecture again returns the same `ModelFns` object (cached on
+    its graph), so jitted helpers keyed on it (the Fisher) do not recompile every task.
+    """
+    if isinstance(model, nnx.Module):
+        fns, own_params, own_state = ModelFns.split(model)
+        key = (fns.graphdef_train, fns.graphdef_eval, fns.input_shape, fns.num_classes,
+               fns.num_tasks)
+        try:
+            fns = _FNS_CACHE.setdefault(key, fns)
+        except TypeError:  # an unhashable graph: no cache
+            pass
+        while len(_FNS_CACHE) > 16:
+            _FNS_CACHE.pop(next(iter(_FNS_CACHE)))
+        params = own_params if params is None else pure_tree(params)
+        model_state = own_state if model_state is None else pure_tree(model_state)
+        return fns, params, model_state
+    if isinstance(model, ModelFns):
+        if params is None:
+            raise TypeError(f"{caller}: with a ModelFns as model, pass params= (and "
+                            "model_state= if the model has non-parameter variables)")
+        return model, pure_tree(params), {} if model_state is None else pure_tree(model_state)
+    raise TypeError(f"{caller}: model must be an nnx.Module or a clax.core.ModelFns, got "
+                    f"{type(model).__name__}")
+
+
+def task_arrays(data: Any, *, caller: str, need_y: bool) -> TrainArrays:
+    """`data` as `TrainArrays`: anything with ``.x`` (``.y``, ``.task_ids``), a tuple
+    ``(x, y)`` / ``(x, y, task_ids)``, or (``need_y=False``) the inputs ``x`` alone.
+    Missing task ids are all 0; a missing ``y`` (not needed) is None."""
+    if hasattr(data, "x"):
+        x, y, task_ids = data.x, getattr(data, "y", None), getattr(data, "task_ids", None)
+    elif isinstance(data, tuple) and len(data) in (2, 3):
+        x, y, task_ids = data[0], data[1], data[2] if len(data) == 3 else None
+    elif isinstance(data, tuple):
+        raise TypeError(f"{caller}: data as a tuple must be (x, y) or (x, y, task_ids), got "
+                        f"{len(data)} items")
+    else:
+        x, y, task_ids = data, None, None
+    if need_y and y is None:
+        raise TypeError(f"{caller}: data needs targets: pass (x, y), (x, y, task_ids) or a "
+                        "clax.core.TrainArrays")
+    n = num_examples(x)
+    if task_ids is None:
+        task_ids = np.zeros((n,), np.int32)
+    elif np.shape(task_ids) != (n,):
+        raise ValueError(f"{caller}: task_ids must have shape ({n},) like the inputs' "
+                         f"leading axis, got {np.shape(task_ids)}")
+    return TrainArrays(x=x, y=y, task_ids=np.asarray(task_ids, np.int32))
 
 
 def forward_order(model_fns: Any, params: PyTree, model_state: PyTree, x: jax.Array,
@@ -159,6 +239,113 @@ def _sample(train: Any, num_samples: int, key: jax.Array) -> tuple[Any, np.ndarr
             np.asarray(train.task_ids[idx], np.int32))
 
 
+def gpm_update_memory(
+    model: Any,
+    memory: PyTree | None,
+    data: Any,
+    *,
+    task_index: int,
+    params: PyTree = None,
+    model_state: PyTree = None,
+    threshold: float = 0.97,
+    layer_thresholds: Sequence[float] = (),
+    threshold_increment: float = 0.0,
+    num_samples: int = 300,
+    max_columns: int | None = DEFAULT_MAX_COLUMNS,
+    key: jax.Array | None = None,
+) -> PyTree:
+    """GPM's task-end update as a plain function: the new bases after task `task_index`.
+
+    ``num_samples`` random examples of `data` are passed through the model in evaluation
+    mode; each projected kernel gets its representation matrix (Dense: one column per
+    example, or per token for sequences; conv: one per patch; at most ``max_columns``)
+    and its basis grows by :func:`~clax.subspace.grow_basis` with the layer's threshold,
+    using the first-task rule at task 0 and the incremental rule after (as GPM's
+    ``update_GPM``). The ``gpm`` method's ``consolidate`` hook is this function.
+
+    In a user's own loop (``nnx.Optimizer``)::
+
+        tx = clax.before(subspace_projection(freeze_mask=one_dimensional))(optax.sgd(0.01))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        bases = gpm_memory(nnx.state(model, nnx.Param))
+        for t, task in enumerate(tasks):
+            ...  # steps: optimizer.update(model, grads, bases=bases)
+            bases = gpm_update_memory(model, bases, task.x_train, task_index=t,
+                                      key=jax.random.key(t))
+
+    Args:
+        model: An ``nnx.Module`` (its current parameters are used) or a
+            :class:`clax.core.ModelFns` with ``params=`` (and ``model_state=``).
+        memory: The bases from :func:`gpm_memory` or a previous update (None: start from
+            empty bases).
+        data: The task's inputs ``x`` (an array or pytree with a leading example axis),
+            ``(x, y)``, ``(x, y, task_ids)`` or a ``clax.core.TrainArrays`` / ``Batch``
+            (task ids: for multi-head models; default all 0).
+        task_index: The task just trained (0 = first task).
+        params: The parameters (pure dict or ``nnx.State``); default the model's own.
+        model_state: The non-parameter variables; default the model's own (``{}`` with a
+            ``ModelFns``).
+        threshold: Default ``ε`` for every layer, in ``(0, 1)``.
+        layer_thresholds: Per-kernel ``ε`` in forward order (overrides ``threshold``).
+        threshold_increment: Added per task: ``ε + increment · t`` (GPM's AlexNet uses
+            ``0.97 + 0.003 t``).
+        num_samples: Examples of the task used for the representations.
+        max_columns: Cap on the columns of each representation matrix.
+        key: PRNG key of the sample (default: derived from ``task_index``).
+
+    Returns:
+        The new bases: same structure, shapes and dtypes as `memory` (so the jitted step
+        taking ``bases=`` does not recompile).
+
+    Raises:
+        TypeError: On a model that is neither an ``nnx.Module`` nor a ``ModelFns``, a
+            ``ModelFns`` without ``params``, or hyperparameters of the wrong type.
+        ValueError: On hyperparameters out of range or thresholds per task outside
+            ``(0, 1)``.
+    """
+    caller = "gpm_update_memory"
+    task_index = check_int("task_index", task_index, low=0)
+    threshold = _check_unit("threshold", threshold)
+    layer_thresholds = check_sequence("layer_thresholds", layer_thresholds, _check_unit)
+    threshold_increment = check_real("threshold_increment", threshold_increment, 0.0, 1.0,
+                                     low_open=False, high_open=True)
+    num_samples = check_positive_int("num_samples", num_samples)
+    if max_columns is not None:
+        max_columns = check_positive_int("max_columns", max_columns)
+    fns, params, model_state = model_arrays(model, params, model_state, caller=caller)
+    if memory is None:
+        memory = gpm_memory(params)
+    train = task_arrays(data, caller=caller, need_y=False)
+    key = jax.random.fold_in(jax.random.key(0), task_index) if key is None else key
+
+    by_path = bases_by_path(memory)
+    if not by_path:
+        return memory
+    k_sample, k_cols = jax.random.split(key)
+    x, task_ids = _sample(train, num_samples, k_sample)
+    first_x = jax.tree.map(lambda a: a[:1], x)
+    order = [p for p in forward_order(fns, params, model_state, first_x, task_ids[:1])
+             if p in by_path]
+    order += sorted(set(by_path) - set(order))  # kernels the forward pass did not reach
+    eps = layer_thresholds_by_path(order, threshold, layer_thresholds, threshold_increment,
+                                   task_index)
+    reps = collect_representations(
+        fns, params, model_state, x, task_ids,
+        max_columns=max_columns, key=k_cols, include_multi_head=False,
+    )
+    reps = {path_str(k): v for k, v in reps.items()}
+    first = task_index == 0
+
+    def grow(path, basis):
+        name = path_str(plain_path(path))
+        if name not in reps:  # a layer the forward pass skipped: nothing to protect
+            return basis
+        return grow_basis(basis, reps[name], eps[name], first=first)
+
+    return jax.tree_util.tree_map_with_path(
+        grow, memory, is_leaf=lambda x: isinstance(x, SubspaceBasis))
+
+
 def gpm_consolidate(
     state: TrainState,
     ctx: BoundaryContext,
@@ -169,56 +356,23 @@ def gpm_consolidate(
     num_samples: int = 300,
     max_columns: int | None = DEFAULT_MAX_COLUMNS,
 ) -> TrainState:
-    """GPM's task-end update: representations on a task sample, then grow every basis.
-
-    ``num_samples`` random training examples of the task are passed through the model in
-    evaluation mode; each projected kernel gets its representation matrix (Dense: one
-    column per example, or per token for sequences; conv: one per patch; at most
-    ``max_columns``) and its basis grows by :func:`~clax.subspace.grow_basis` with the
-    layer's threshold, using the first-task rule at task 0 and the incremental rule after
-    (as GPM's ``update_GPM``).
+    """The ``gpm`` method's task-end hook: :func:`gpm_update_memory` on the train state.
 
     Args:
         state: The train state (``memory`` as built by :func:`gpm_memory`).
         ctx: The boundary context (``train``, ``model``, ``rng``, ``task_index``).
-        threshold: Default ``ε`` for every layer.
-        layer_thresholds: Per-kernel ``ε`` in forward order (overrides ``threshold``).
-        threshold_increment: Added per task: ``ε + increment · t`` (GPM's AlexNet uses
-            ``0.97 + 0.003 t``).
-        num_samples: Examples of the task used for the representations.
-        max_columns: Cap on the columns of each representation matrix.
+        threshold, layer_thresholds, threshold_increment, num_samples, max_columns: As in
+            :func:`gpm_update_memory`.
 
     Returns:
         The state with grown bases (same shapes and dtypes).
     """
-    memory = state.memory
-    by_path = bases_by_path(memory)
-    if not by_path:
-        return state
-    k_sample, k_cols = jax.random.split(ctx.rng)
-    x, task_ids = _sample(ctx.train, num_samples, k_sample)
-    first_x = jax.tree.map(lambda a: a[:1], x)
-    order = [p for p in forward_order(ctx.model, state.params, state.model_state, first_x,
-                                      task_ids[:1]) if p in by_path]
-    order += sorted(set(by_path) - set(order))  # kernels the forward pass did not reach
-    eps = layer_thresholds_by_path(order, threshold, layer_thresholds, threshold_increment,
-                                   ctx.task_index)
-    reps = collect_representations(
-        ctx.model, state.params, state.model_state, x, task_ids,
-        max_columns=max_columns, key=k_cols, include_multi_head=False,
-    )
-    reps = {path_str(k): v for k, v in reps.items()}
-    first = ctx.task_index == 0
-
-    def grow(path, basis):
-        name = path_str(plain_path(path))
-        if name not in reps:  # a layer the forward pass skipped: nothing to protect
-            return basis
-        return grow_basis(basis, reps[name], eps[name], first=first)
-
-    new_memory = jax.tree_util.tree_map_with_path(
-        grow, memory, is_leaf=lambda x: isinstance(x, SubspaceBasis))
-    return state._replace(memory=new_memory)
+    memory = gpm_update_memory(
+        ctx.model, state.memory, ctx.train, task_index=ctx.task_index, params=state.params,
+        model_state=state.model_state, threshold=threshold, layer_thresholds=layer_thresholds,
+        threshold_increment=threshold_increment, num_samples=num_samples,
+        max_columns=max_columns, key=ctx.rng)
+    return state._replace(memory=memory)
 
 
 def _check_unit(name: str, value: Any) -> float:

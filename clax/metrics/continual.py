@@ -384,6 +384,16 @@ def summarize(
 
     Raises:
         ValueError: If ``R`` or ``b`` is invalid.
+
+    Example: task 0 drops from 0.9 to 0.6 while task 1 is learned; as a loss, the same
+    forgetting is a rise from 0.3 to 0.9:
+
+    >>> s = summarize([[0.9, 0.1], [0.6, 0.8]])
+    >>> round(s["acc"], 3), round(s["bwt"], 3), round(s["forgetting"], 3)
+    (0.7, -0.3, 0.3)
+    >>> s = summarize([[0.3, 2.0], [0.9, 0.4]], higher_is_better=False)
+    >>> round(s["acc"], 3), round(s["bwt"], 3), round(s["forgetting"], 3)
+    (0.65, -0.6, 0.6)
     """
     X, s = _oriented(R, higher_is_better)
     c = None if b is None else s * validate_baseline(b, X.shape[0], bounded=bool(higher_is_better))

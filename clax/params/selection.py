@@ -272,7 +272,7 @@ def half_fine_tuning_mask(
     labels = jax.tree.leaves(label_params(params, list(categories), default="other"))
 
     units: dict[Path, tuple[int, str]] = {}  # unit -> (depth, category), in flatten order
-    for (path, _), depth, label in zip(leaves, depths, labels):
+    for (path, _), depth, label in zip(leaves, depths, labels, strict=True):
         key = _unit(path, unit)
         if key in units and units[key][1] != label:
             raise ValueError(

@@ -152,13 +152,20 @@ def ewc_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
         A stateless ``GradientTransformationExtraArgs``. Its ``update`` requires ``params``
         and the keyword extra args ``fisher`` (a tree like params, or a scalar applied to
         every entry) and ``anchor`` (a tree like params). Other extra args are ignored.
+        Trees are matched by parameter path, so pure dicts, ``nnx.State`` (as
+        ``nnx.Optimizer`` passes params and updates) and ``nnx.Param``-wrapped leaves
+        mix: ``optimizer.update(model, grads, fisher=F, anchor=theta_star)`` works with
+        ``F``, ``theta_star`` pure dicts (e.g. an :class:`EWCMemory`'s fields).
 
     Raises:
         TypeError: On a non-number ``λ``.
         ValueError: On ``λ < 0``; at update time, when ``params`` is None, ``fisher`` or
-            ``anchor`` is missing or differs in structure/shape from params (naming the
-            leaf path), or a concrete ``fisher`` has a negative or non-finite entry
-            (naming the leaf path; traced values are not checked).
+            ``anchor`` is missing or has a path or shape params lacks (naming the leaf
+            path), ``anchor`` *is* the parameters (``anchor=nnx.state(model,
+            nnx.Param)``, the live state: pass a copy,
+            ``jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))``), or
+            a concrete ``fisher`` has a negative or non-finite entry (naming the leaf
+            path; traced values are not checked).
     """
     lam = _check_lam(lam)
 
@@ -191,12 +198,17 @@ def l2_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
 
     Returns:
         A stateless ``GradientTransformationExtraArgs``; ``update`` requires ``params`` and
-        the keyword extra arg ``anchor`` (a tree like params).
+        the keyword extra arg ``anchor`` (a tree like params, matched by path: a pure dict
+        or an ``nnx.State``). The anchor must be a *copy*:
+        ``anchor=nnx.state(model, nnx.Param)`` is the live parameters (``θ − θ* = 0``
+        always) and is refused; take
+        ``jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))``.
 
     Raises:
         TypeError: On a non-number ``λ``.
-        ValueError: On ``λ < 0``; at update time, on missing params/anchor or an anchor
-            whose structure differs from params (naming the leaf path).
+        ValueError: On ``λ < 0``; at update time, on missing params/anchor, an anchor
+            whose paths or shapes differ from params (naming the leaf path), or an anchor
+            that is the parameters themselves (naming ``anchor``).
     """
     lam = _check_lam(lam)
 
@@ -218,6 +230,8 @@ def ewc_penalty_value(params: PyTree, fisher: PyTree, anchor: PyTree, *, lam: fl
                       ) -> jax.Array:
     """``(λ/2)·Σ F⊙(θ − θ*)²``, the penalty whose gradient :func:`ewc_penalty` adds."""
     lam = _check_lam(lam)
+    fisher = align_to(fisher, params, names=("fisher", "params"))
+    anchor = align_to(anchor, params, names=("anchor", "params"))
     terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p - a)), params, fisher, anchor)
     return 0.5 * lam * sum(jax.tree.leaves(terms))
 
@@ -241,8 +255,12 @@ class EWCMemory(NamedTuple):
 
 
 def init_ewc_memory(params: PyTree, *, mode: str = "separate") -> EWCMemory:
-    """Empty :class:`EWCMemory` for `params` (zero Fisher: no penalty yet)."""
+    """Empty :class:`EWCMemory` for `params` (zero Fisher: no penalty yet).
+
+    `params` may be a pure dict or an ``nnx.State``; the memory holds pure dicts (copies).
+    """
     check_choice("mode", mode, MODES)
+    params = pure_tree(params)
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     return EWCMemory(
         fisher=zeros,
@@ -302,6 +320,7 @@ def consolidate_ewc(
     """
     check_choice("mode", mode, MODES)
     decay = _check_decay(decay)
+    memory, fisher, params = pure_tree((memory, fisher, params))  # nnx.State: as dicts
     check_fisher(fisher, params, name="fisher")
     check_same_structure(memory.fisher, params, names=("memory.fisher", "params"))
     fisher = jax.tree.map(lambda f: jnp.asarray(f, jnp.float32), fisher)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from clax._validation import check_positive_int
-from clax.params.paths import path_str, plain_path
+from clax.params.paths import align_to, path_str, plain_path
 from clax.subspace.basis import SubspaceBasis
 from clax.typing import PyTree
 
@@ -145,12 +145,17 @@ def subspace_projection(
     Adam only the *gradient* is orthogonal: momentum mixes in earlier (differently
     projected) gradients and Adam rescales coordinates, so the update leaves the
     complement. For an exactly orthogonal *update*, put the transform after the optimizer:
-    ``optax.chain(optax.adam(lr), subspace_projection())`` (``optimizer=clax.after(...)`` in a `Method`).
+    ``optax.chain(optax.adam(lr), subspace_projection())`` (``optimizer=clax.after(...)``
+    in a `Method`).
 
     Cost. A leaf costs two ``n × c × out`` matmuls, where ``c`` is the basis size rounded
     up to a multiple of ``capacity / rank_buckets`` (one ``lax.switch`` branch per bucket,
     so the rank can grow without recompiling and the cost follows the rank, not the
     capacity); nothing at rank 0.
+
+    Trees are matched by parameter path, not by container: ``bases`` and ``freeze_mask``
+    may be pure dicts while the params and updates are the ``nnx.State`` that
+    ``nnx.Optimizer`` passes (``optimizer.update(model, grads, bases=memory)``).
 
     Freezing (GPM's 1-D rule). With ``freeze_mask`` (a static pytree of bools like the
     params, or a callable ``params -> mask``, e.g. :func:`one_dimensional`), the selected
@@ -219,7 +224,7 @@ def subspace_projection(
                 f"leaves: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
             )
         out = []
-        for name, (_, g) in zip(names, pairs):
+        for name, (_, g) in zip(names, pairs, strict=True):
             basis = by_path.get(name)
             if basis is None:
                 out.append(g)
@@ -237,6 +242,9 @@ def subspace_projection(
                 active = jnp.asarray(freeze, jnp.bool_)
             mask = freeze_mask(params if params is not None else updates) if callable(
                 freeze_mask) else freeze_mask
+            # By path: a pure-dict mask fits the nnx.State updates of nnx.Optimizer too.
+            mask = align_to(mask, updates, names=("freeze_mask", "the updates"),
+                            check_shapes=False)
             updates = jax.tree.map(
                 lambda g, m: jnp.where(active, jnp.zeros_like(g), g) if m else g,
                 updates, mask,
