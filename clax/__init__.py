@@ -28,7 +28,22 @@ __version__ = "0.1.0"
 # Subpackages and the public names re-exported here, imported on first use: `import clax`
 # is cheap, and importing one leaf module (e.g. the pure-numpy `clax.metrics.continual`)
 # does not load the rest of the package.
-_SUBPACKAGES = ('analytic', 'core', 'data', 'edits', 'fisher', 'methods', 'metrics', 'models', 'params', 'replay', 'subspace', 'training', 'transforms', 'unlearning',)
+_SUBPACKAGES = (
+    'analytic',
+    'core',
+    'data',
+    'edits',
+    'fisher',
+    'methods',
+    'metrics',
+    'models',
+    'params',
+    'replay',
+    'subspace',
+    'training',
+    'transforms',
+    'unlearning',
+)
 _EXPORTS = {
     'adaptive_ema': ('clax.methods', 'adaptive_ema'),
     'after': ('clax.core', 'after'),

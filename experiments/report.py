@@ -154,7 +154,7 @@ def _comparison_panels(runs: list[dict[str, Any]], rescale: bool
     panels: dict[str, dict[str, tuple]] = {"first task": {}, "mean over seen tasks": {},
                                            "WC-ACC": {}}
     labels = [r["row"]["method"] for r in runs]
-    for run, label in zip(runs, labels):
+    for run, label in zip(runs, labels, strict=False):
         if labels.count(label) > 1:
             label = f"{label} ({os.path.basename(run['row']['run'])})"
         grid = stability.evaluation_grid(run["curves"]["points"])

@@ -72,10 +72,8 @@ def main(argv):
     clax_log.propagate = False
 
     from clax import metrics as clax_metrics
-    from clax.training import train_continual
+    from clax.training import NonFiniteLossError, train_continual
     from experiments.compare import run_comparison
-
-    from clax.training import NonFiniteLossError
 
     config = FLAGS.config
     try:

@@ -19,6 +19,16 @@ def test_readme_python_example_runs(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert any(line.endswith("(5, 5)") for line in out), out  # ACC, 5x5 accuracy matrix
     assert "1 [-0. -0. -0.]" in out, out  # GPM example: rank 1, protected row projected out
+    firsts = {line.split(":")[0]: float(line.split()[-1]) for line in out
+              if line.startswith(("finetune:", "ewc:"))}
+    assert firsts["ewc"] > firsts["finetune"] + 0.1, out  # the own-loop EWC example
+
+
+def test_readme_own_loop_example_is_the_example_file():
+    with open(os.path.join(ROOT, "examples", "own_loop_ewc.py")) as f:
+        example = f.read()
+    body = example[example.index("import jax"):].rstrip()
+    assert f"```python\n{body}\n```" in _readme()
 
 
 def test_ci_runs_the_readme_test_command():

@@ -388,7 +388,7 @@ def recurring_split(
                     f"class {c} occurs in {len(occ)} tasks but has only {len(idx)} training "
                     "samples to deal out; lower num_tasks or pass samples_per_class"
                 )
-            for t, part in zip(occ, np.array_split(rng.permutation(idx), len(occ))):
+            for t, part in zip(occ, np.array_split(rng.permutation(idx), len(occ)), strict=False):
                 chunks[(t, c)] = part
         else:
             if len(idx) < samples_per_class:
@@ -457,7 +457,7 @@ def recurring(
     )
     tests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     tasks = []
-    for t, (classes, idx) in enumerate(zip(plan.task_classes, plan.task_indices)):
+    for t, (classes, idx) in enumerate(zip(plan.task_classes, plan.task_indices, strict=False)):
         src = t if plan.repeats[t] < 0 else int(plan.repeats[t])
         if src not in tests:
             test = np.flatnonzero(np.isin(data.y_test, classes))

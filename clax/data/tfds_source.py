@@ -125,7 +125,7 @@ def _source_to_arrays(
                 get_many = None
         if records is None:
             records = [source[i] for i in keys]
-        for i, record in zip(keys, records):
+        for i, record in zip(keys, records, strict=False):
             if image_key not in record or label_key not in record:
                 raise ValueError(
                     f"{what} records have features {sorted(record)}; image_key={image_key!r} "

@@ -99,7 +99,6 @@ from clax.fisher import _taps
 from clax.models.heads import MultiHeadLinear
 from clax.params.paths import check_same_structure, path_str, plain_path
 
-
 PyTree = Any
 
 LABELS = ("empirical", "true", "argmax")

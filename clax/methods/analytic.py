@@ -5,7 +5,8 @@ gradients on the first task only, then frozen; the classifier lives in the metho
 memory, is updated in closed form at each task end from the features of that task's
 training data, and replaces the model's head at evaluation (``Method.predict``).
 
-* **Freezing.** An update-space transform (:func:`freeze_after`, ``after``) zeroes the optimizer's final
+* **Freezing.** An update-space transform (:func:`freeze_after`, ``after``) zeroes the
+  optimizer's final
   updates once ``task_index >= 1`` (the loop passes ``task_index`` as an extra arg from
   ``StepContext.task_index``). It sits after the base optimizer so momentum, Adam moments
   and weight decay cannot move frozen weights either. Later tasks still run their training

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clax.data.scenarios import Task
 from clax.core import Method, TrainArrays, register_method
+from clax.data.scenarios import Task
 
 
 @register_method("finetune")

@@ -4,7 +4,8 @@ Registered with the `Method` contract (``clax.core.method``). Every method keeps
 fixed-capacity replay buffer (:mod:`clax.replay.buffer`) as its memory; the buffer's shapes
 come from the run's `DataSpec` (``init_memory(params, *, data)``). Each step samples from
 the buffer *before* the current batch is inserted (``replay`` / ``loss_terms`` /
-``extra_args`` read ``ctx.memory``), and ``update_memory`` inserts the current batch afterwards, as Mammoth's
+``extra_args`` read ``ctx.memory``), and ``update_memory`` inserts the current batch
+afterwards, as Mammoth's
 ``observe`` does. Samples are drawn uniformly **with replacement** from the filled slots
 (Mammoth draws without replacement; the expectation is the same). While the buffer is
 empty the replay terms have weight 0.
@@ -19,13 +20,12 @@ empty the replay terms have weight 0.
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clax._validation import check_int, check_positive_int, check_real
-from clax.replay.buffer import BufferState, balanced_insert, init_buffer, reservoir_insert, sample
-from clax.replay.reptile import reptile
 from clax.core import (
     BoundaryContext,
     DataSpec,
@@ -39,8 +39,9 @@ from clax.core import (
     plain,
     register_method,
 )
+from clax.replay.buffer import BufferState, balanced_insert, init_buffer, reservoir_insert, sample
+from clax.replay.reptile import reptile
 from clax.transforms.agem import agem as agem_transform
-
 from clax.typing import PyTree
 
 # fold_in constants: independent keys for the step's replay draws.

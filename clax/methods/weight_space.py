@@ -23,12 +23,12 @@ import numpy as np
 import optax
 
 from clax._validation import check_bool, check_int, check_positive_int, check_real
+from clax.core import BoundaryContext, Method, TrainState, after, around, register_method
 from clax.edits.averaging import WeightAveragingState
 from clax.edits.averaging import weight_averaging as _weight_averaging
 from clax.edits.lines import lines_scale
-from clax.params.paths import block_depths, head_backbone_labels
-from clax.core import BoundaryContext, Method, TrainState, after, around, register_method
 from clax.models.batched import batched_apply
+from clax.params.paths import block_depths, head_backbone_labels
 from clax.transforms.ema import EMABalancingState, ema_balancing, find_state
 from clax.typing import PyTree
 
@@ -425,7 +425,8 @@ def slow_learner(
     **Slow learner.** The base optimizer's updates of backbone parameters are multiplied by
     ``backbone_lr_scale`` (SLCA: backbone lr = head lr / 100), through ``optax.partition``
     with labels from :func:`clax.params.paths.head_backbone_labels` (``head/...`` is the
-    head). As an update-space transform (``after``) it works with any base optimizer; for SGD this is exactly
+    head). As an update-space transform (``after``) it works with any base optimizer; for
+    SGD this is exactly
     a backbone learning rate ``lr·s``. SLCA also trains on current-task logits only; here
     the loss is the loop's (all classes in class-incremental runs).
 

@@ -415,7 +415,7 @@ def plot_curve_comparison(
     n = len(checked)
     fig = _new_figure(min(4.5 * n + 1.0, 24.0), 4.0)
     axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
-    for ax, (name, lines) in zip(axes, checked):
+    for ax, (name, lines) in zip(axes, checked, strict=False):
         for label, steps, values in lines:
             ax.plot(steps, scale * values, label=label, linewidth=1.2, color=colors[label])
         for b in boundaries:
@@ -428,7 +428,7 @@ def plot_curve_comparison(
     axes[0].set_ylabel(f"{metric} (%)" if bounded else metric)
     handles = {}
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=False):
             handles.setdefault(label, handle)
     fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize="small")
     if title:

@@ -372,7 +372,8 @@ def read_run_curves(workdir: PathLike) -> dict[str, Any] | None:
             rows = doc["accuracy"] if "accuracy" in doc else doc["values"]
             points = [
                 (step, train_task, j, v)
-                for step, train_task, row in zip(doc["steps"], doc["train_task"], rows)
+                for step, train_task, row in zip(doc["steps"], doc["train_task"], rows,
+                                                 strict=False)
                 for j, v in enumerate(row)
                 if v is not None
             ]

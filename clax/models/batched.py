@@ -58,7 +58,7 @@ def padded_batches(x: PyTree, *, batch_size: int) -> Iterator[tuple[PyTree, int]
     n = _num_rows(x, "x")
     x = jax.tree.map(np.asarray, x)
     for start in range(0, n, batch_size):
-        part = jax.tree.map(lambda a: a[start:start + batch_size], x)
+        part = jax.tree.map(lambda a, start=start: a[start:start + batch_size], x)
         num_valid = min(batch_size, n - start)
         yield jax.tree.map(lambda a: _pad(a, batch_size), part), num_valid
 

@@ -36,8 +36,8 @@ import numpy as np
 
 from clax._validation import check_choice, check_int_sequence, check_positive_int
 from clax.core import Batch, take
-
 from clax.typing import PyTree
+
 GroupBy = Literal["label", "task"]
 
 
@@ -174,7 +174,8 @@ def init_buffer(
     """
     capacity = check_positive_int("capacity", capacity)
     example, outputs = _example_spec(input_shape, input_dtype, num_logits, example, outputs)
-    store = lambda s: jnp.zeros((capacity, *s.shape), s.dtype)
+    def store(s):
+        return jnp.zeros((capacity, *s.shape), s.dtype)
     group_seen = group_size = group_full = None
     if num_groups is not None:
         g = check_positive_int("num_groups", num_groups)
@@ -302,7 +303,8 @@ def reservoir_draws(key: jax.Array, seen_before: jax.Array) -> jax.Array:
     replaces slot ``j_i`` if ``j_i < capacity`` (probability ``capacity / (n_i + 1)``).
     The draw uses the row key ``fold_in(key, n_i)`` (:func:`row_keys`).
     """
-    draw = lambda k, n: jax.random.randint(k, (), 0, n + 1, dtype=jnp.int32)
+    def draw(k, n):
+        return jax.random.randint(k, (), 0, n + 1, dtype=jnp.int32)
     return jax.vmap(draw)(row_keys(key, seen_before), seen_before)
 
 
@@ -556,7 +558,8 @@ def stored(state: BufferState) -> dict[str, PyTree]:
     ``"x"`` and ``"y"`` have the structure of the buffer's examples (an array for a
     classifier's inputs and labels)."""
     n = int(state.size)
-    host = lambda a: np.asarray(a[:n])
+    def host(a):
+        return np.asarray(a[:n])
     out = {"x": jax.tree.map(host, state.x), "y": jax.tree.map(host, state.y),
            "task_ids": host(state.task_ids)}
     if state.logits is not None:

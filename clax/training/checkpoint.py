@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import jax
 import orbax.checkpoint as ocp
 

@@ -269,7 +269,7 @@ class UnlearnSets(NamedTuple):
 def _concat(tasks, split: str) -> TrainArrays:
     xs = [getattr(t, f"x_{split}") for t in tasks]
     ys = [getattr(t, f"y_{split}") for t in tasks]
-    ids = [np.full(num_examples(y), t.id, np.int32) for t, y in zip(tasks, ys)]
+    ids = [np.full(num_examples(y), t.id, np.int32) for t, y in zip(tasks, ys, strict=False)]
     return TrainArrays(x=jax.tree.map(lambda *a: np.concatenate(a), *xs),
                        y=jax.tree.map(lambda *a: np.concatenate(a), *ys),
                        task_ids=np.concatenate(ids))
@@ -630,7 +630,7 @@ def _checked_edit(run: _Run, new: TrainState, what: str) -> TrainState:
         a, b = getattr(old, part), getattr(new, part)
         same = jax.tree.structure(a) == jax.tree.structure(b) and all(
             np.shape(x) == np.shape(y) and jnp.result_type(x) == jnp.result_type(y)
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False))
         if not same:
             raise ValueError(f"unlearner {run.unlearner.name!r}: {what} changed the structure, "
                              f"shapes or dtypes of state.{part}; keep them")

@@ -31,7 +31,7 @@ def _vdot(a: PyTree, b: PyTree) -> jax.Array:
     return sum(
         (jnp.vdot(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
                   y.astype(jnp.promote_types(y.dtype, jnp.float32)))
-         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)),
         jnp.zeros((), jnp.float32),
     )
 

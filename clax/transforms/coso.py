@@ -25,7 +25,6 @@ from clax.subspace.frequent_directions import (
     init_sketch,
     update_sketch_from_svd,
 )
-
 from clax.typing import PyTree
 
 MaskOrFn = PyTree | Callable[[PyTree], PyTree] | None
@@ -78,7 +77,7 @@ def coso_mask(params: PyTree, mask: MaskOrFn = None) -> PyTree:
         flags = treedef.flatten_up_to(resolved)
     except (ValueError, TypeError) as e:
         raise ValueError(f"coso mask must be a tree of bools shaped like the params: {e}") from e
-    for (path, p), flag in zip(pairs, flags):
+    for (path, p), flag in zip(pairs, flags, strict=False):
         if not isinstance(flag, (bool, jnp.bool_)) and not (
             hasattr(flag, "dtype") and flag.shape == () and flag.dtype == bool
         ):
@@ -198,7 +197,8 @@ def coso(
     ``ℓ = sketch_rank`` directions and merged with ``sketch_decay ·`` the old sketch. At
     the task end :func:`coso_task_end` appends the sketch's energy-threshold directions to
     ``Q`` (:func:`merge_sketch`) and resets the sketch, ``P`` and the count; the inner
-    state is re-initialised by the first update that sees ``count == 0``. Leaves not selected by ``mask`` get the plain inner optimizer (CoSO trains its
+    state is re-initialised by the first update that sees ``count == 0``. Leaves not
+    selected by ``mask`` get the plain inner optimizer (CoSO trains its
     classifier head with plain AdamW).
 
     Mapping from the PyTorch code (``W`` is ``(out, in)`` there, ``(in, out)`` here): the
@@ -354,7 +354,7 @@ def coso(
 
         low, new_proj, new_sketch = [], [], []
         for (path, g), flag, basis, proj, sk in zip(
-            pairs, flag_list, basis_list, proj_list, sketch_list
+            pairs, flag_list, basis_list, proj_list, sketch_list, strict=False
         ):
             if not flag:
                 low.append(g)
@@ -386,7 +386,7 @@ def coso(
         low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
         low_updates = treedef.flatten_up_to(low_updates)
         out = []
-        for (_, g), flag, u, proj in zip(pairs, flag_list, low_updates, new_proj):
+        for (_, g), flag, u, proj in zip(pairs, flag_list, low_updates, new_proj, strict=False):
             if flag:
                 u = jnp.matmul(u, proj.T, precision=_HI).reshape(jnp.shape(g))
             out.append((scale * u).astype(jnp.result_type(g)))
@@ -485,7 +485,7 @@ def coso_task_end(
         bases, is_leaf=lambda x: x is None or isinstance(x, SubspaceBasis))
     sketches = treedef.flatten_up_to(state.sketches)
     merged = []
-    for (path, basis), sketch in zip(pairs, sketches):
+    for (path, basis), sketch in zip(pairs, sketches, strict=False):
         if basis is None:
             merged.append(None)
             continue

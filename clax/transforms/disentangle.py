@@ -67,7 +67,7 @@ def _check_retain(forget: PyTree, retain: PyTree, *, stacked: bool) -> int:
         )
     k = None
     for (path, f), r in zip(jax.tree_util.tree_flatten_with_path(forget)[0],
-                            jax.tree.leaves(retain)):
+                            jax.tree.leaves(retain), strict=False):
         fs, rs = tuple(jnp.shape(f)), tuple(jnp.shape(r))
         if stacked:
             ok = len(rs) == len(fs) + 1 and rs[1:] == fs and (k is None or rs[0] == k)
@@ -87,7 +87,8 @@ def _check_retain(forget: PyTree, retain: PyTree, *, stacked: bool) -> int:
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    parts = [jnp.vdot(x, y, precision=_HI) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    parts = [jnp.vdot(x, y, precision=_HI)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)]
     return sum(parts, jnp.zeros((), jnp.float32))
 
 
@@ -261,7 +262,8 @@ def geometric_disentanglement(
                 total += f.size
                 offsets.append(total)
             splits = jnp.split(flat, offsets)
-            final = treedef.unflatten([s.reshape(f.shape) for s, f in zip(splits, leaves_f)])
+            final = treedef.unflatten([s.reshape(f.shape)
+                                       for s, f in zip(splits, leaves_f, strict=False)])
         else:
             c = _vdot(forget, retain) / jnp.maximum(_vdot(retain, retain), projection_eps)
             final = jax.tree.map(lambda f, r: gamma * (f - c * r) + alpha * r, forget, retain)

@@ -101,11 +101,12 @@ def check_anchor_not_params(anchor: PyTree, params: PyTree) -> None:
             tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
         return {plain_path(p): x for p, x in pairs}
 
-    for by_path, what in ((wrapped, "nnx.Variable"), (leaves_by_path, "array")):
+    for by_path, kinds, what in ((wrapped, nnx.Variable, "nnx.Variable"),
+                                 (leaves_by_path, (jax.Array, np.ndarray), "array")):
         ps = by_path(params)
         for path, a in by_path(anchor).items():
             # Python scalars are interned: only array (tracer) or Variable identity counts.
-            if isinstance(a, (jax.Array, np.ndarray, nnx.Variable)) and ps.get(path) is a:
+            if isinstance(a, kinds) and ps.get(path) is a:
                 raise ValueError(ALIASED_ANCHOR_MSG.format(what=what, path=path_str(path)))
 
 

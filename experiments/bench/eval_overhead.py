@@ -81,7 +81,7 @@ def main(argv):
             "chunking": train_on / train_off - 1,
             "total_overhead": (train_on + evals) / train_off - 1,
             "per_task_eval_share": [e / t for e, t in zip(on.task_eval_time_s[1:],
-                                                          on.task_train_time_s[1:])],
+                                                          on.task_train_time_s[1:], strict=False)],
             "acc_off": off.summary["acc"], "acc_on": on.summary["acc"],
             "num_evaluations": len({c["step"] for c in on.curves}),
         }

@@ -40,11 +40,11 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from clax.core import Batch, ModelFns, TrainArrays, make_method
 from clax.data import load_source
 from clax.fisher import diagonal_fisher
 from clax.fisher.estimators import fisher_batch_update
 from clax.models import make_model
-from clax.core import Batch, ModelFns, TrainArrays, make_method
 from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches, host_batches
 from experiments.bench.common import device_description, write_json

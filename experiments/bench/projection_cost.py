@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from clax.core import Batch, ModelFns, make_method
 from clax.models import make_model
 from clax.subspace import SubspaceBasis
-from clax.core import Batch, ModelFns, make_method
 from clax.training import StepFns, data_mesh
 from experiments.bench.common import device_description, write_json
 
@@ -65,7 +65,7 @@ def flops_per_step(batch_size: int, fraction: float | None, rank_buckets: int = 
     ``4·n·c·out`` per layer, ``c`` the bucket that holds the rank (0 at rank 0)."""
     from clax.transforms.projection import bucket_sizes
 
-    dims = list(zip((784, *WIDTHS), (*WIDTHS, 10)))
+    dims = list(zip((784, *WIDTHS), (*WIDTHS, 10), strict=False))
     total = 6.0 * batch_size * sum(n * o for n, o in dims)
     if fraction is not None:
         for n, o in dims:

@@ -34,9 +34,9 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from clax.core import Batch, ModelFns, make_method
 from clax.models import make_model
 from clax.replay import init_buffer, reservoir_insert, sample
-from clax.core import Batch, ModelFns, make_method
 from clax.training import StepFns, build_scenario, data_mesh, default_config
 from clax.training.feed import epoch_index_batches
 from experiments.bench.common import device_description, write_json

@@ -21,8 +21,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from clax.training import default_config, train_continual
-from clax.training import build_scenario
+from clax.training import build_scenario, default_config, train_continual
 from clax.training.feed import epoch_index_batches
 from experiments.bench.common import device_description, write_json
 from experiments.configs.benchmarks import use_benchmark
@@ -59,7 +58,7 @@ def bare_loop(scenario, seed: int) -> list[float]:
     init = jax.nn.initializers.lecun_normal()
     params = [
         {"w": init(k, (a, b), jnp.float32), "b": jnp.zeros((b,), jnp.float32)}
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=False)
     ]
     tx = optax.sgd(LR)
     opt_state = tx.init(params)
@@ -122,8 +121,8 @@ def main(argv):
         "device": device_description(),
         "jax": jax.__version__,
         "steps": steps,
-        "ratio_total_median": med(c / b for c, b in zip(clax_total, bare_total)),
-        "ratio_steady_median": med(c / b for c, b in zip(clax_steady, bare_steady)),
+        "ratio_total_median": med(c / b for c, b in zip(clax_total, bare_total, strict=False)),
+        "ratio_steady_median": med(c / b for c, b in zip(clax_steady, bare_steady, strict=False)),
         "ratio_steady_best": min(clax_steady) / min(bare_steady),
         "steady_steps_per_s_best": {"clax": steady_steps / min(clax_steady),
                                     "bare": steady_steps / min(bare_steady)},

@@ -1,5 +1,5 @@
 """The main job: one method of each family against finetune and joint, on Split-Digits
-(class-incremental) and Permuted-Digits (domain-incremental), offline, about 1.5 min:
+(class-incremental) and Permuted-Digits (domain-incremental), offline, about 75 s:
 
 * ``ewc`` (Fisher regularisation), ``gpm`` (gradient projection), ``er`` (replay),
   ``acil`` (closed-form analytic head), ``ema`` (weight-space averaging);

@@ -32,7 +32,7 @@ def test_deterministic():
     ds = tiny_dataset()
     a = pretrain_continual(ds, max_train_per_task=50, seed=3)
     b = pretrain_continual(ds, max_train_per_task=50, seed=3)
-    for ta, tb in zip(a.tasks, b.tasks):
+    for ta, tb in zip(a.tasks, b.tasks, strict=False):
         np.testing.assert_array_equal(ta.x_train, tb.x_train)
 
 

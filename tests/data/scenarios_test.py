@@ -1,6 +1,5 @@
 """Tests for clax.data.scenarios: class splits, permutations, rotations and the registry."""
 
-import time
 
 import jax
 import numpy as np
@@ -29,7 +28,7 @@ def _toy(n_train=40, n_test=20, shape=(4, 4, 2), num_classes=4, seed=0, name="to
 
 def _assert_same_scenario(a, b):
     assert a.num_tasks == b.num_tasks
-    for ta, tb in zip(a.tasks, b.tasks):
+    for ta, tb in zip(a.tasks, b.tasks, strict=False):
         for field in ("x_train", "y_train", "x_test", "y_test", "classes"):
             np.testing.assert_array_equal(getattr(ta, field), getattr(tb, field))
 
@@ -124,14 +123,14 @@ def test_same_seed_identical_different_seed_different(digits):
     assert sorted(order_a) == sorted(order_b) == list(range(10))
     assert order_a != order_b
     # Independent of numpy's global state.
-    np.random.seed(123)
+    np.random.seed(123)  # noqa: NPY002  (sets the legacy global state on purpose)
     _assert_same_scenario(a, data.class_incremental(digits, seed=1, **kw))
 
 
 def test_subsampling_is_a_subset_of_the_task(digits):
     full = data.class_incremental(digits)
     small = data.class_incremental(digits, max_train_per_task=30, max_test_per_task=7)
-    for f, s in zip(full.tasks, small.tasks):
+    for f, s in zip(full.tasks, small.tasks, strict=False):
         assert len(s.y_train) == 30 and len(s.y_test) == 7
         # Every kept row is a row of the full task (matched exactly).
         rows = {r.tobytes() for r in f.x_train}

@@ -87,12 +87,13 @@ def test_blurry_split_is_deterministic_per_seed():
     a = data.blurry_split(y, num_classes=10, seed=7)
     b = data.blurry_split(y, num_classes=10, seed=7)
     c = data.blurry_split(y, num_classes=10, seed=8)
-    for x, z in zip(a.task_indices, b.task_indices):
+    for x, z in zip(a.task_indices, b.task_indices, strict=False):
         np.testing.assert_array_equal(x, z)
     np.testing.assert_array_equal(a.home, b.home)
     np.testing.assert_array_equal(a.disjoint, b.disjoint)
     assert any(
-        len(x) != len(z) or not np.array_equal(x, z) for x, z in zip(a.task_indices, c.task_indices)
+        len(x) != len(z) or not np.array_equal(x, z)
+        for x, z in zip(a.task_indices, c.task_indices, strict=True)
     )
 
 
@@ -114,7 +115,7 @@ def test_si_blurry_scenario_holds_the_planned_samples():
         assert set(task.y_test.tolist()) == set(np.flatnonzero(plan.home == t).tolist())
     same = data.make_scenario("si_blurry", ds, num_tasks=4, disjoint_share=0.4,
                               blurry_share=0.2, seed=3)
-    for a, b in zip(s.tasks, same.tasks):
+    for a, b in zip(s.tasks, same.tasks, strict=False):
         np.testing.assert_array_equal(a.x_train, b.x_train)
 
 
@@ -191,9 +192,10 @@ def test_recurring_extremes_and_determinism():
     a = data.recurring_split(y, num_classes=10, num_tasks=60, recurrence=0.4, seed=5)
     b = data.recurring_split(y, num_classes=10, num_tasks=60, recurrence=0.4, seed=5)
     c = data.recurring_split(y, num_classes=10, num_tasks=60, recurrence=0.4, seed=6)
-    for x, z in zip(a.task_indices, b.task_indices):
+    for x, z in zip(a.task_indices, b.task_indices, strict=False):
         np.testing.assert_array_equal(x, z)
-    assert any(not np.array_equal(x, z) for x, z in zip(a.task_classes, c.task_classes))
+    assert any(not np.array_equal(x, z)
+               for x, z in zip(a.task_classes, c.task_classes, strict=True))
 
 
 def test_recurring_deals_every_sample_out_once_or_resamples_per_occurrence():
@@ -204,11 +206,11 @@ def test_recurring_deals_every_sample_out_once_or_resamples_per_occurrence():
     assert len(ids) == len(np.unique(ids))  # no sample twice in the stream
     occurring = np.unique(np.concatenate(once.task_classes))
     np.testing.assert_array_equal(np.sort(ids), np.flatnonzero(np.isin(y, occurring)))
-    for classes, idx in zip(once.task_classes, once.task_indices):
+    for classes, idx in zip(once.task_classes, once.task_indices, strict=False):
         assert set(y[idx].tolist()) == set(classes.tolist()) and len(classes) == 2
     fixed = data.recurring_split(y, num_classes=10, num_tasks=60, classes_per_task=3,
                                  samples_per_class=7, seed=1)
-    for classes, idx in zip(fixed.task_classes, fixed.task_indices):
+    for classes, idx in zip(fixed.task_classes, fixed.task_indices, strict=False):
         assert len(idx) == 21 and len(np.unique(idx)) == 21
         assert np.bincount(y[idx], minlength=10)[classes].tolist() == [7, 7, 7]
 

@@ -65,7 +65,7 @@ def test_matches_numpy_reference(alpha, lam):
     # F_D = 0 < F_f: selected and zeroed (β = 0).
     assert float(new["head"]["bias"][0]) == 0.0
     # Never increases a magnitude.
-    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(new)):
+    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(new), strict=True):
         assert np.all(np.abs(np.asarray(q)) <= np.abs(np.asarray(p)))
 
 
@@ -97,9 +97,9 @@ def test_per_example_fisher_bounds_the_selection():
     ``F_D >= (|D_f|/|D|)·F_f`` entry-wise, so ``α > |D|/|D_f|`` selects nothing while the
     batch-mean Fisher (SSD's) can still select: why SSD's α = 10 needs the batch Fisher
     when the forget class is a tenth of the data."""
+    from clax.core import ModelFns
     from clax.fisher import diagonal_fisher
     from clax.models import make_model
-    from clax.core import ModelFns
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6, 6, 1)).astype(np.float32)
@@ -175,3 +175,18 @@ def test_search_alpha_bad_input():
         ssd_search_alpha(params, full, forget, target=0.0, alphas=(10.0, -1.0), **ok)
     with pytest.raises(TypeError, match=r"alphas must be a non-empty sequence \(list or tuple\)"):
         ssd_search_alpha(params, full, forget, target=0.0, alphas=10.0, **ok)
+
+
+def test_report_keys_of_an_nnx_state_have_no_value_suffix():
+    from flax import nnx
+
+    from clax.models import make_model
+
+    model = make_model("mlp", input_shape=(2, 2, 1), num_classes=3, widths=(4,), seed=0)
+    params = nnx.state(model, nnx.Param)  # nnx.Param leaves: paths end in .value
+    full = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3), params)
+    forget = jax.tree.map(lambda p: jnp.ones(p.shape), params)
+    _, report = ssd_dampen(params, full, forget)
+    assert sorted(report.total) == ["head/bias", "head/kernel", "layers/0/bias",
+                                    "layers/0/kernel"]
+    assert report.num_dampened == report.num_total

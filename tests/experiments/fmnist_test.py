@@ -5,8 +5,8 @@ import os
 import pytest
 
 from clax.training import train_continual
-from experiments.configs.fmnist_compare import get_config
 from experiments.compare import run_config
+from experiments.configs.fmnist_compare import get_config
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -16,9 +18,26 @@ def _run(*args, timeout=300):
     )
 
 
-def test_compare_mode_prints_table_and_writes_results(tmp_path):
+def test_main_job_compares_one_method_of_each_family():
+    from experiments.configs.digits_compare import get_config
+
+    methods = get_config().compare.methods.split(",")
+    assert methods == ["finetune", "ewc", "gpm", "er", "acil", "ema", "joint"]
+
+
+@pytest.mark.slow
+def test_main_job_runs_every_method(tmp_path):
     proc = _run("--config=experiments/configs/digits_compare.py", f"--workdir={tmp_path}",
                 "--config.train.epochs_per_task=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 14 and all(r["acc"] is not None for r in rows)
+
+
+def test_compare_mode_prints_table_and_writes_results(tmp_path):
+    # Two methods keep this under a minute; the full main job is the slow test above.
+    proc = _run("--config=experiments/configs/digits_compare.py", f"--workdir={tmp_path}",
+                "--config.train.epochs_per_task=1", "--config.compare.methods=finetune,joint")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "| benchmark | method | ACC | BWT | FWT | Forgetting | train time (s) |" in out

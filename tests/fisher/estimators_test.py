@@ -113,7 +113,8 @@ def test_true_fisher_sampling_is_deterministic_given_key():
     b = diagonal_fisher(fns, params, (x, y, t), key=jax.random.key(1), **kw)
     c = diagonal_fisher(fns, params, (x, y, t), key=jax.random.key(2), **kw)
     jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert any(not np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+    assert any(not np.array_equal(u, v)
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True))
     # The labels are the categorical samples of each batch's logits with fold_in(key, b).
     logits = _apply(fns, model_state)(params, x, t)
     sampled = np.concatenate([

@@ -43,7 +43,7 @@ class ProjectionInterpretTest:
                                                     interpret=self.INTERPRET))
         got = jax.grad(fused, argnums=(0, 1))(v, g)
         want = jax.grad(loss(projection_reference), argnums=(0, 1))(v, g)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=False):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
     def test_shape_errors(self):

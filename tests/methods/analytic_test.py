@@ -8,14 +8,15 @@ import pytest
 
 import clax
 from clax.analytic import prototypes as protos
+from clax.core import ModelFns, make_method
 from clax.methods.analytic import freeze_after
 from clax.models import make_model
-from clax.core import ModelFns, make_method
 from clax.training import default_config, train_continual
 from tests.precision import (
     EPS32,
     U32,
     assert_relative_error,
+    assert_within,
     relative_error,
     ridge_rtol,
     ridge_system,
@@ -133,8 +134,7 @@ def test_ncm_head_is_class_means_with_teen(scenario):
     # moves its mean by ~1/n_c ≈ 1e-2 relative.
     counts = np.bincount(y, minlength=4)[:, None]
     bound = (counts + 2) * EPS32 * np.stack([np.abs(f[y == c]).mean(0) for c in range(4)])
-    err = np.abs(np.asarray(protos.class_means(memory["stats"]), np.float64) - means)
-    assert (err <= bound).all(), f"class means: error / bound = {(err / bound).max():.2f}"
+    assert_within(protos.class_means(memory["stats"]), means, bound, "class means")
     base = np.isin(np.arange(4), scenario.tasks[0].classes)
     np.testing.assert_array_equal(memory["base"], base)
     prototypes = np.asarray(protos.teen_calibrate(jnp.asarray(means, jnp.float32),

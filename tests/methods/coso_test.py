@@ -5,9 +5,10 @@ import numpy as np
 import optax
 import pytest
 
+from clax.core import Batch, ModelFns, make_method
+from clax.methods import coso_update_memory
 from clax.models import make_model
 from clax.subspace.basis import orthonormality_error
-from clax.core import Batch, ModelFns, make_method
 from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches
 from clax.transforms.coso import CoSOState
@@ -39,6 +40,10 @@ def test_task_end_protects_output_subspace_and_freezes_biases():
     sketch = find_state(state.opt_state, CoSOState).sketches["layers"][1]["kernel"]
     assert float(sketch.sigma[0]) > 0
     after0 = method.consolidate(state, None)
+    # The hook is the plain function (for a user's own loop): same bases, same reset state.
+    bases, opt_state = coso_update_memory(state.memory, state.opt_state, threshold=0.9)
+    jax.tree.map(np.testing.assert_array_equal, (bases, opt_state),
+                 (after0.memory, after0.opt_state))
     assert jax.tree.structure(after0.memory) == jax.tree.structure(memory0)
     assert jax.tree.map(np.shape, after0.memory) == jax.tree.map(np.shape, memory0)
     coso_state = find_state(after0.opt_state, CoSOState)

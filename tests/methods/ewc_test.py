@@ -8,14 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import clax.methods  # noqa: F401  (registers ewc, online_ewc and l2 for make_method)
-from clax.fisher import diagonal_fisher
-from clax.models import make_model
-from clax.core import make_method
-from clax.core import BoundaryContext, Classification, LanguageModeling, TrainArrays, TrainState
+from clax.core import (
+    BoundaryContext,
+    Classification,
+    LanguageModeling,
+    ModelFns,
+    TrainArrays,
+    TrainState,
+    make_method,
+)
 from clax.data.text import synthetic_token_domains
-from clax.core import ModelFns
+from clax.fisher import diagonal_fisher
+from clax.methods import ewc_update_memory, l2_update_memory
+from clax.models import make_model
+from clax.transforms.ewc import init_ewc_memory
 
 N = 40
 
@@ -96,7 +105,8 @@ def test_fisher_subset_is_deterministic_and_bounded():
                        fisher_batch_size=4)
     everything = full.consolidate(_state(full, params, model_state), _ctx(fns, 0, tasks[0]))
     assert any(not np.allclose(a, b) for a, b in zip(
-        jax.tree.leaves(runs[0].memory.fisher), jax.tree.leaves(everything.memory.fisher)))
+        jax.tree.leaves(runs[0].memory.fisher), jax.tree.leaves(everything.memory.fisher),
+        strict=True))
 
 
 def test_l2_penalises_only_after_the_first_task():
@@ -154,8 +164,72 @@ def test_consolidation_on_a_language_model(name):
                                _ctx(fns, 0, data, objective=objective))
     fisher = state.memory.fisher
     assert jax.tree.structure(fisher) == jax.tree.structure(params)
-    for f, p in zip(jax.tree.leaves(fisher), jax.tree.leaves(params)):
+    for f, p in zip(jax.tree.leaves(fisher), jax.tree.leaves(params), strict=True):
         assert f.shape == p.shape and np.all(np.isfinite(f)) and np.all(np.asarray(f) >= 0)
     # Every layer's Fisher is estimated, the embeddings and the per-token Dense layers too.
     assert float(jnp.max(fisher["embed"]["embedding"])) > 0
     assert float(jnp.max(fisher["head"]["kernel"])) > 0
+
+
+# ------------------------------------------------------- consolidation as a plain function
+
+
+@pytest.mark.parametrize("name,mode", [("ewc", "separate"), ("online_ewc", "online")])
+def test_update_memory_is_the_consolidate_hook(name, mode):
+    # The hook and the user-loop function are one implementation: same inputs, same memory.
+    fns, params, model_state, tasks, thetas = _setup()
+    method = make_method(name, lam=2.0, fisher_batch_size=16)
+    state = _state(method, thetas[0], model_state)
+    hooked = method.consolidate(state, _ctx(fns, 0, tasks[0])).memory
+    plain = ewc_update_memory(fns, init_ewc_memory(thetas[0], mode=mode), tasks[0],
+                              params=thetas[0], model_state=model_state, mode=mode,
+                              fisher_batch_size=16, key=jax.random.key(100))
+    jax.tree.map(np.testing.assert_array_equal, hooked, plain)
+    # memory=None starts from an empty memory; (x, y) tuples and an nnx.State of the
+    # parameters are accepted as well.
+    model = fns.module(thetas[0], model_state)
+    again = ewc_update_memory(fns, None, (tasks[0].x, tasks[0].y), mode=mode,
+                              params=nnx.state(model, nnx.Param), model_state=model_state,
+                              fisher_batch_size=16, key=jax.random.key(100))
+    jax.tree.map(np.testing.assert_allclose, plain, again)
+
+
+def test_update_memory_takes_an_nnx_module_and_copies_the_anchor():
+    model = make_model("mlp", input_shape=(4, 4, 1), num_classes=3, widths=(5,), seed=0)
+    _, _, _, tasks, _ = _setup()
+    memory = ewc_update_memory(model, None, (tasks[0].x, tasks[0].y), mode="online")
+    live = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert isinstance(memory.anchor, dict) and int(memory.count) == 1
+    for a, p in zip(jax.tree.leaves(memory.anchor), jax.tree.leaves(live), strict=True):
+        assert a is not p  # a snapshot, not the live parameters
+        np.testing.assert_array_equal(a, p)
+    assert all(float(jnp.max(f)) > 0 for f in jax.tree.leaves(memory.fisher))
+
+
+def test_update_memory_errors():
+    fns, params, model_state, tasks, _ = _setup()
+    with pytest.raises(TypeError, match="with a ModelFns as model, pass params="):
+        ewc_update_memory(fns, None, tasks[0])
+    with pytest.raises(TypeError, match="model must be an nnx.Module or a clax.core.ModelFns"):
+        ewc_update_memory(params, None, tasks[0])
+    with pytest.raises(TypeError, match="data needs targets"):
+        ewc_update_memory(fns, None, tasks[0].x, params=params, model_state=model_state)
+    separate = ewc_update_memory(fns, None, tasks[0], params=params, model_state=model_state)
+    with pytest.raises(ValueError, match='memory was made for mode="separate", not mode="online"'):
+        ewc_update_memory(fns, separate, tasks[0], params=params, model_state=model_state,
+                          mode="online")
+
+
+def test_l2_update_memory_is_the_hook_and_copies():
+    fns, params, model_state, tasks, thetas = _setup()
+    method = make_method("l2")
+    state = _state(method, thetas[1], model_state)
+    hooked = method.consolidate(state, _ctx(fns, 0, tasks[0])).memory
+    plain = l2_update_memory(thetas[1], method.init_memory(thetas[1]))
+    jax.tree.map(np.testing.assert_array_equal, hooked, plain)
+    model = fns.module(thetas[1], model_state)
+    first = l2_update_memory(model)  # an nnx.Module, no memory yet
+    assert int(first["count"]) == 1 and int(l2_update_memory(model, first)["count"]) == 2
+    live = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(a is not p for a, p in zip(jax.tree.leaves(first["anchor"]), live, strict=True))
+    jax.tree.map(np.testing.assert_array_equal, first["anchor"], thetas[1])

@@ -5,14 +5,21 @@ import numpy as np
 import optax
 import pytest
 
-from clax.methods.gpm import gpm, gpm_memory
+from clax.core import (
+    Batch,
+    BoundaryContext,
+    Classification,
+    ModelFns,
+    TrainState,
+    current_task_data,
+    make_method,
+)
+from clax.methods.gpm import gpm, gpm_memory, gpm_update_memory
 from clax.models import make_model
 from clax.params.paths import path_str
 from clax.subspace import SubspaceBasis, orthonormality_error
-from clax.core import Batch, Classification, ModelFns, make_method
 from clax.training import StepFns, data_mesh
 from clax.training.feed import epoch_index_batches
-from clax.core import BoundaryContext, TrainState, current_task_data
 from tests.subspace.basis_test import update_gpm_reference
 from tests.training.helpers import tiny_scenario
 
@@ -134,3 +141,34 @@ def test_layer_threshold_count_and_increment_are_checked():
         layer_thresholds_by_path(paths, 0.97, (0.9, 0.9, 0.9), 0.0, 0)
     with pytest.raises(ValueError, match="threshold for 'layers/0/kernel' at task 20"):
         layer_thresholds_by_path(paths, 0.97, (), 0.003, 20)
+
+
+def test_update_memory_is_the_consolidate_hook_and_takes_a_module():
+    # One implementation: the hook on a TrainState and the plain function on an nnx.Module
+    # with bare input arrays give the same bases.
+    scenario = tiny_scenario("permuted")
+    model = make_model("mlp", input_shape=scenario.input_shape, num_classes=4, widths=(8,),
+                       seed=0)
+    fns, params, model_state = ModelFns.split(model)
+    method = make_method("gpm", layer_thresholds=(0.9, 0.99), num_samples=20)
+    state = TrainState(params=params, model_state=model_state, opt_state=(),
+                       memory=method.init_memory(params), rng=jax.random.key(0),
+                       step=np.int32(0))
+    data = current_task_data(scenario.tasks, 0)
+    ctx = BoundaryContext(task_index=0, tasks=scenario.tasks, train=data, model=fns,
+                          objective=Classification(), rng=jax.random.key(3))
+    hooked = method.consolidate(state, ctx).memory
+    plain = gpm_update_memory(model, None, data.x, task_index=0, layer_thresholds=(0.9, 0.99),
+                              num_samples=20, key=jax.random.key(3))
+    assert jax.tree.structure(plain) == jax.tree.structure(hooked)
+    jax.tree.map(np.testing.assert_array_equal, plain, hooked)
+    assert min(int(b.rank) for b in bases_of(plain).values()) > 0
+    # The next task grows the same bases (incremental rule); shapes stay fixed.
+    grown = gpm_update_memory(fns, plain, (data.x, data.y), task_index=1, params=params,
+                              model_state=model_state, layer_thresholds=(0.9, 0.99),
+                              num_samples=20)
+    assert jax.tree.structure(grown) == jax.tree.structure(plain)
+    with pytest.raises(TypeError, match="with a ModelFns as model, pass params="):
+        gpm_update_memory(fns, plain, data.x, task_index=1)
+    with pytest.raises(ValueError, match="task_index must be a non-negative int"):
+        gpm_update_memory(model, plain, data.x, task_index=-1)

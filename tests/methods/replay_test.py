@@ -8,8 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from clax.models import make_model
-from clax.replay import reservoir_insert, stored
 from clax.core import (
     Batch,
     BoundaryContext,
@@ -23,6 +21,8 @@ from clax.core import (
     masked_cross_entropy,
 )
 from clax.data.text import synthetic_token_domains
+from clax.models import make_model
+from clax.replay import reservoir_insert, stored
 from clax.training import StepFns, data_mesh, default_config, train_continual
 from tests.training.helpers import tiny_config, tiny_scenario
 
@@ -91,7 +91,8 @@ def test_er_step_is_the_concatenated_batch_step(copies):
     cur = _batch(2)
     new, _ = steps.train_step(state, steps.shard_batch(cur), 0)
     m = min(B, copies)
-    concat = Batch(*(np.concatenate([a, np.repeat(b, m, 0)]) for a, b in zip(cur, old)))
+    concat = Batch(*(np.concatenate([a, np.repeat(b, m, 0)])
+                     for a, b in zip(cur, old, strict=True)))
     _close(new.params, _sgd(params, lambda p: _ce(fns, ms, p, concat)))
     # The current batch then entered the reservoir.
     assert int(new.memory.seen) == copies + B
@@ -139,7 +140,8 @@ def test_agem_projects_against_past_tasks_only():
     params = jax.tree.map(np.asarray, state.params)
     grad = jax.jit(jax.grad(lambda p, b: _ce(fns, ms, p, b)))
     r = grad(params, old)
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    def flat(t):
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
     for seed in range(100):  # a current batch whose gradient conflicts with the reference
         cur = _batch(100 + seed, task=1)
         g = grad(params, cur)
@@ -308,7 +310,8 @@ def test_er_lm_step_is_the_token_weighted_concatenated_batch_step():
     new, _ = steps.train_step(state, steps.shard_batch(cur), 1)
     # M = B = 4 draws of the one stored example, each weighing 1: the LM loss pooled over
     # the tokens of [current; 4 copies].
-    concat = Batch(*(np.concatenate([a, np.repeat(b, B, 0)]) for a, b in zip(cur, old)))
+    concat = Batch(*(np.concatenate([a, np.repeat(b, B, 0)])
+                     for a, b in zip(cur, old, strict=True)))
     _close(new.params, _sgd(params, jax.jit(lambda p: _lm_loss(fns, ms, p, concat)), LM_LR),
            atol=1e-5)
 
@@ -340,7 +343,8 @@ def test_agem_lm_reference_gradient_is_the_lm_loss_gradient():
     cur = _lm_batch(1, 0)
     grad = jax.jit(jax.grad(lambda p, b: _lm_loss(fns, ms, p, b)))
     g, r = grad(params, cur), grad(params, old)
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    def flat(t):
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
     dot = flat(g) @ flat(r)
     # A-GEM: g - min(0, <g, r>)/<r, r> r, then SGD.
     coef = min(dot, 0.0) / (flat(r) @ flat(r))

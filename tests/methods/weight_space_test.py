@@ -7,14 +7,14 @@ import optax
 import pytest
 
 import clax
+from clax.core import Batch, BoundaryContext, ModelFns, make_method
 from clax.edits.averaging import WeightAveragingState, averaged_params
 from clax.methods import weight_space
 from clax.models import make_model
-from clax.core import Batch, BoundaryContext, ModelFns, make_method
 from clax.training import StepFns, data_mesh, default_config, train_continual
 from clax.training.feed import epoch_index_batches
 from clax.transforms.ema import EMABalancingState, find_state
-from tests.precision import EPS32, U32
+from tests.precision import EPS32, U32, assert_within
 from tests.training.helpers import tiny_config, tiny_scenario
 
 NEW = ("ema", "adaptive_ema", "weight_averaging", "lines", "slow_learner")
@@ -85,21 +85,18 @@ def test_ema_swap_equals_independent_recurrence():
     # θ*_1 = θ_1, then θ*_t = decay·θ*_{t−1} + (1 − decay)·θ_t, in float64 on the same
     # float32 history. The library's float32 step rounds ≤ 5 times (the constants 0.99 and
     # 0.01, two products, a sum; fused or not depending on the CPU), each ≤ u·max_t|θ_t|,
-    # and earlier errors shrink by `decay`: |error| ≤ 5·steps·u·max_t|θ_t| elementwise
-    # (measured: 0.15 of it). A wrong decay (0.9) or one step more or less moves θ* by
-    # (1 − decay)·|θ_t − θ*| ≈ 1e-5, far outside.
+    # and earlier errors shrink by `decay`: |error| ≤ 5·steps·u·max_t|θ_t| elementwise at
+    # worst; the bound is twice that (measured: 0.15 of it here, 0.34 with XLA limited to
+    # SSE4.2, i.e. without FMA). A wrong decay (0.9) or one step more or less moves θ* by
+    # (1 − decay)·|θ_t − θ*| ≈ 1e-5, ≥ 1e4 times the bound.
     ema = jax.tree.map(lambda a: np.asarray(a, np.float64), history[1])
     for theta in history[2:]:
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * np.asarray(p, np.float64),
                            ema, theta)
     bound = jax.tree.map(
-        lambda *t: 5 * (len(t) - 1) * U32 * np.abs(np.stack(t)).max(0), *history[1:])
-
-    def check(got, want, b):
-        err = np.abs(np.asarray(got, np.float64) - want)
-        assert (err <= b).all(), f"EMA: error / bound = {(err / b).max():.2f}"
-
-    jax.tree.map(check, state.params, ema, bound)
+        lambda *t: 10 * (len(t) - 1) * U32 * np.abs(np.stack(t)).max(0), *history[1:])
+    jax.tree.map(lambda got, want, b: assert_within(got, want, b, "EMA"), state.params, ema,
+                 bound)
     # The EMA state was set to the swapped weights (consistent for the next task).
     _assert_trees_close(clax.ema_params(state.opt_state), state.params, rtol=0, atol=0)
 
@@ -178,8 +175,7 @@ def test_slow_learner_scales_backbone_updates_exactly():
         theta_ft = np.asarray(h_ft[1]["layers"][0][k], np.float64)
         scaled = s * np.asarray(d_ft["layers"][0][k], np.float64)
         bound = 2 * EPS32 * (np.abs(theta_sl) + s * np.abs(theta_ft) + 2 * np.abs(scaled))
-        err = np.abs(np.asarray(d_sl["layers"][0][k], np.float64) - scaled)
-        assert (err <= bound).all(), f"layers/0/{k}: error / bound = {(err / bound).max():.2f}"
+        assert_within(d_sl["layers"][0][k], scaled, bound, f"layers/0/{k}")
     assert np.abs(d_ft["layers"][0]["kernel"]).max() > 0
 
 

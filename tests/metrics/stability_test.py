@@ -13,7 +13,7 @@ def _curves(train_tasks, table):
     """Points from one row per evaluation: row n holds the accuracies of tasks 0..len(row)-1."""
     return [
         (10 * (n + 1), k, j, acc)
-        for n, (k, row) in enumerate(zip(train_tasks, table))
+        for n, (k, row) in enumerate(zip(train_tasks, table, strict=False))
         for j, acc in enumerate(row)
     ]
 
@@ -191,7 +191,7 @@ def _official(curves, windows):
     grid = stability.evaluation_grid(curves)
     min_acc = defaultdict(lambda: float("inf"))
     wc_acc = None
-    for k, row in zip(grid.train_task, grid.accuracy):
+    for k, row in zip(grid.train_task, grid.accuracy, strict=False):
         for task, a in enumerate(row):
             if not np.isnan(a) and task != k:  # TaskTrackingMINAccuracyPluginMetric
                 min_acc[task] = min(min_acc[task], a)  # (only seen tasks are evaluated)
@@ -344,7 +344,8 @@ class TestSummaryAndValidation:
 
     def test_points_in_any_order_and_as_dicts(self):
         shuffled = list(reversed(THREE_TASKS))
-        dicts = [dict(zip(("step", "train_task", "eval_task", "accuracy"), p)) for p in shuffled]
+        keys = ("step", "train_task", "eval_task", "accuracy")
+        dicts = [dict(zip(keys, p, strict=True)) for p in shuffled]
         assert stability.stability_summary(dicts, windows=(2,)) == pytest.approx(
             stability.stability_summary(THREE_TASKS, windows=(2,)))
 

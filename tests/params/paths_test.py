@@ -18,6 +18,7 @@ from clax.params import (
     path_str,
     plain_path,
 )
+from clax.params.paths import align_to, check_same_paths, pure_tree
 
 # Small configurations of the four model families (shapes only; no real initialisers).
 MODEL_SPECS = {
@@ -280,3 +281,51 @@ def test_check_same_structure_names_first_differing_path():
     c = {"layers": {0: {"kernel": np.zeros((3, 2)), "bias": np.zeros(3)}}}
     with pytest.raises(ValueError, match=r"differ at path 'layers/0/kernel': shape \(2, 3\)"):
         check_same_structure(a, c)
+
+
+def _tiny_model():
+    return make_model("mlp", input_shape=(2, 2, 1), num_classes=3, widths=(4,), seed=0)
+
+
+def test_paths_of_an_nnx_state_drop_the_variable_value():
+    # nnx.Param flattens to (..., GetAttrKey("value")): the reported path has no "value".
+    state = nnx.state(_tiny_model(), nnx.Param)
+    names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    pure = nnx.to_pure_dict(state)
+    assert names == [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
+    assert names == ["head/bias", "head/kernel", "layers/0/bias", "layers/0/kernel"]
+    # A real key named "value" (a dict entry, not a Variable's attribute) is kept.
+    (path, _), = jax.tree_util.tree_flatten_with_path({"attn": {"value": 1.0}})[0]
+    assert plain_path(path) == ("attn", "value")
+
+
+def test_check_same_structure_says_what_differs_in_words():
+    state = nnx.state(_tiny_model(), nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    with pytest.raises(ValueError) as e:
+        check_same_structure(state, pure, ("anchor", "params"))
+    msg = str(e.value)
+    assert "PyTreeDef" not in msg
+    assert "anchor holds an nnx.State at the root where params holds a dict" in msg
+    assert "anchor holds nnx.Param wrappers: pass plain arrays, nnx.to_pure_dict(state)" in msg
+    with pytest.raises(ValueError, match=r"anchor holds an nnx.Param wrapper at path "
+                                         r"'head/bias' where params holds an array"):
+        check_same_structure(state, nnx.as_pure(state), ("anchor", "params"))
+    with pytest.raises(ValueError, match="a holds a list at path 'w' where b holds a tuple"):
+        check_same_structure({"w": [np.zeros(2)]}, {"w": (np.zeros(2),)})
+
+
+def test_align_to_matches_by_path_across_containers():
+    state = nnx.as_pure(nnx.state(_tiny_model(), nnx.Param))  # what nnx.Optimizer passes
+    pure = nnx.to_pure_dict(state)
+    aligned = align_to(pure, state, ("anchor", "params"))
+    assert jax.tree.structure(aligned) == jax.tree.structure(state)
+    assert all(a is b for a, b in zip(jax.tree.leaves(aligned), jax.tree.leaves(pure),
+                                      strict=True))
+    check_same_paths(pure, nnx.state(_tiny_model(), nnx.Param))
+    del pure["head"]["bias"]
+    with pytest.raises(ValueError, match="path 'head/bias' is in params but not in anchor"):
+        align_to(pure, state, ("anchor", "params"))
+    assert jax.tree.structure(pure_tree((state, [nnx.state(_tiny_model())]))) == \
+        jax.tree.structure(pure_tree((nnx.to_pure_dict(state),
+                                      [nnx.to_pure_dict(nnx.state(_tiny_model()))])))

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from clax.models import make_model
 from clax.params import (
     condition_numbers,
     fisher_importance_mask,
@@ -23,8 +25,12 @@ from clax.params import (
 
 def _transformer(num_blocks=4, d=4):
     """Paths of a small LLaMA-like transformer (values are irrelevant to HFT)."""
-    z = lambda *s: np.zeros(s, np.float32)
-    dense = lambda i, o: {"kernel": z(i, o), "bias": z(o)}
+    def z(*s):
+        return np.zeros(s, np.float32)
+
+    def dense(i, o):
+        return {"kernel": z(i, o), "bias": z(o)}
+
     block = {
         "attn": {name: dense(d, d) for name in ("query", "key", "value", "out")},
         "mlp": {name: dense(d, d) for name in ("gate", "up", "down")},
@@ -138,6 +144,66 @@ def test_mask_helpers_check_leaves():
     with pytest.raises(ValueError, match=r"path 'c' is in params but not in trainable"):
         train_only(optax.sgd(1.0), {"a": True, "b": False}).init(
             {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)})
+
+
+def _nnx_mlp():
+    return make_model("mlp", input_shape=(2, 2, 1), num_classes=3, widths=(4,), seed=0)
+
+
+def _mask_forms():
+    """The same mask (kernels trainable, biases frozen) as a pure dict, an nnx.State of
+    nnx.Param-wrapped bools and a mask builder's output for an nnx.State."""
+    state = nnx.state(_nnx_mlp(), nnx.Param)
+    return {
+        "dict": jax.tree.map(lambda p: p.ndim > 1, nnx.to_pure_dict(state)),
+        "param_wrapped": jax.tree.map(lambda p: p.ndim > 1, state),
+        "builder": kappatune_mask(state, num_tensors=2),  # the two kernels (κ of a bias: n/a)
+    }
+
+
+@pytest.mark.parametrize("form", ["dict", "param_wrapped", "builder"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_train_only_through_nnx_optimizer(form, jit):
+    # nnx.Optimizer initialises optax with an nnx.State of nnx.Param and updates with an
+    # nnx.State of arrays: the mask matches both by path, whatever its own container.
+    model = _nnx_mlp()
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, train_only(optax.adam(0.1), _mask_forms()[form]),
+                              wrt=nnx.Param)
+    x, y = jnp.ones((3, 2, 2, 1)), jnp.arange(3)
+
+    def step(model, optimizer):
+        def loss(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        optimizer.update(model, nnx.grad(loss)(model))
+
+    step = nnx.jit(step) if jit else step
+    step(model, optimizer)
+    step(model, optimizer)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0],
+                                jax.tree.leaves(after), strict=True):
+        moved = bool(np.any(np.asarray(new) != np.asarray(old)))
+        assert moved == path_str(path).endswith("kernel"), path_str(path)
+
+
+def test_masks_of_an_nnx_state_are_states_of_bools():
+    state = nnx.state(_nnx_mlp(), nnx.Param)
+    mask = _mask_forms()["builder"]
+    assert isinstance(mask, nnx.State)
+    assert not any(isinstance(v, nnx.Variable) for v in
+                   jax.tree.leaves(mask, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    hft = half_fine_tuning_mask(state, stage=0)
+    assert isinstance(hft, nnx.State)
+    fisher = jax.tree.map(jnp.abs, nnx.to_pure_dict(state))  # a dict Fisher for a State
+    frozen = fisher_importance_mask(state, fisher, freeze_fraction=0.5)
+    assert sum(not f for f in jax.tree.leaves(frozen)) == 2
+    with pytest.raises(ValueError, match="path 'layers/0/bias' is in params but not in "
+                                         "trainable"):
+        pure = nnx.to_pure_dict(state)
+        del pure["layers"][0]["bias"]
+        train_only(optax.sgd(1.0), jax.tree.map(lambda _: True, pure)).init(state)
 
 
 # --------------------------------------------------------------------------------------
@@ -361,7 +427,8 @@ def test_fisher_mask_uses_the_mean_not_the_sum():
         ({"a": np.ones((2, 2))}, r"path 'b' is in params but not in fisher"),
         ({"a": np.ones((2, 2)), "b": np.ones(3), "c": np.ones(1)},
          r"path 'c' is in fisher but not in params"),
-        ({"a": np.ones((2, 3)), "b": np.ones(3)}, r"differ at path 'a': shape \(2, 2\) vs \(2, 3\)"),
+        ({"a": np.ones((2, 3)), "b": np.ones(3)},
+         r"differ at path 'a': shape \(2, 2\) vs \(2, 3\)"),
         ({"a": np.ones((2, 2)), "b": np.array([1.0, -1e-3, 0.0])},
          r"negative entries at 'b'"),
         ({"a": np.array([[1.0, np.nan], [0.0, 0.0]]), "b": np.ones(3)}, r"NaN entries at 'a'"),

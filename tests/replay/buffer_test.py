@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
+from clax.core import Batch, DataSpec
 from clax.replay import (
     balanced_insert,
     init_buffer,
@@ -20,7 +21,6 @@ from clax.replay import (
 )
 from clax.training import data_mesh
 from clax.training.checkpoint import Checkpointer
-from clax.core import Batch, DataSpec
 
 # Jitted once per shape and shared by the tests (eager dispatch is slow on CPU).
 _insert = jax.jit(reservoir_insert)
@@ -40,7 +40,7 @@ def _stream(n, shape=(2,), num_classes=4, seed=0):
 def _reference_reservoir(capacity, items, draws):
     """Algorithm R, one item at a time, with the given draws j_i ~ U{0..i}."""
     slots = [None] * capacity
-    for n, (item, j) in enumerate(zip(items, draws)):
+    for n, (item, j) in enumerate(zip(items, draws, strict=False)):
         if n < capacity:
             slots[n] = item
         elif j < capacity:
@@ -425,7 +425,8 @@ def test_shorthand_and_spec_call_forms_agree():
     spec = DataSpec.for_classifier((2,), 3)
     shorthand = init_buffer(5, (2,), num_logits=3, num_groups=2)
     from_spec = init_buffer(5, example=spec.example, outputs=spec.output, num_groups=2)
-    layout = lambda s: jax.tree.map(lambda a: (a.shape, a.dtype), s)
+    def layout(s):
+        return jax.tree.map(lambda a: (a.shape, a.dtype), s)
     assert layout(shorthand) == layout(from_spec)
     assert init_buffer(5, (2,), input_dtype=jnp.uint8).x.dtype == jnp.uint8
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from clax import metrics as clax_metrics
+from clax.core import ModelFns
 from clax.training import StepFns, build_method, build_model, data_mesh, loop, train_continual
 from clax.training.config import build_optimizer
-from clax.core import ModelFns
 from tests.training.helpers import tiny_config, tiny_scenario
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from clax.models import make_model
 from clax.core import Batch, ModelFns, make_method, registered_methods
+from clax.models import make_model
 from clax.training import StepFns, data_mesh, train_continual
 from clax.training.checkpoint import Checkpointer
 from clax.training.feed import epoch_index_batches

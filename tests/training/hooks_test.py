@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from clax.models import make_model
 from clax.core import Method, chain_around
+from clax.models import make_model
 from clax.training import build_optimizer, train_continual
 from tests.training.helpers import tiny_config, tiny_scenario
 

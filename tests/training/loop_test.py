@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from clax.models import make_model
-from clax.training import NonFiniteLossError, train_continual
-from clax.training import loop
+from clax.training import NonFiniteLossError, loop, train_continual
 from clax.training.checkpoint import Checkpointer
 from tests.training.helpers import tiny_config, tiny_scenario
 
@@ -87,8 +86,9 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch)
         init_memory=lambda p: {"anchor": p, "seen": jnp.zeros((), jnp.int32)},
         update_memory=lambda m, ctx, out: {**m, "seen": m["seen"] + ctx.batch.y.shape[0]},
         loss_terms=lambda p, ctx: 1e-3 * sum(
-            jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
-                                                  jax.tree.leaves(ctx.memory["anchor"]))),
+            jnp.sum((a - b) ** 2)
+            for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ctx.memory["anchor"]),
+                            strict=True)),
         consolidate=consolidate,
     )
     scenario = tiny_scenario()

@@ -87,7 +87,7 @@ def test_matches_numpy_reference(interval):
     state = tx.init(params)
     bases = {"w": _basis(q, n)}
     update = jax.jit(tx.update)
-    for g, want in zip(grads, ref):
+    for g, want in zip(grads, ref, strict=False):
         out, state = update({"w": jnp.asarray(g)}, state, params, bases=bases)
         np.testing.assert_allclose(out["w"], want, rtol=1e-4, atol=1e-4)
     # The FD sketch of the projected gradients matches CoSO's DoubleSVD.

@@ -171,7 +171,8 @@ def test_errors_name_the_argument_and_leaf():
     with pytest.raises(ValueError, match="unexpected leaf 'other'"):
         tx.update(g, state, None, retain_grads=extra)
     wrong = {**g, "scale": jnp.zeros((5,))}
-    with pytest.raises(ValueError, match=r"retain_grads at 'scale' has shape \(5,\); expected \(4,\)"):
+    with pytest.raises(ValueError,
+                       match=r"retain_grads at 'scale' has shape \(5,\); expected \(4,\)"):
         tx.update(g, state, None, retain_grads=wrong)
     span = geometric_disentanglement(subspace="span")
     with pytest.raises(ValueError, match=r"retain_grads at 'dense/bias' has shape \(3,\); expected "

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from clax.models import make_model
 from clax.transforms import (
     consolidate_ewc,
     ewc_penalty,
@@ -39,7 +41,8 @@ def test_update_is_gradient_of_penalty():
     _close(updates, jax.tree.map(jnp.add, GRADS, penalty_grad))
     # numpy reference of the value: (λ/2) Σ F (θ − θ*)², with the ½.
     value = 0.5 * lam * sum(np.sum(np.asarray(f) * (np.asarray(p) - np.asarray(a)) ** 2)
-                            for f, p, a in zip(*map(jax.tree.leaves, (FISHER, PARAMS, ANCHOR))))
+                            for f, p, a in zip(*map(jax.tree.leaves, (FISHER, PARAMS, ANCHOR)),
+                                                strict=True))
     np.testing.assert_allclose(ewc_penalty_value(PARAMS, FISHER, ANCHOR, lam=lam), value,
                                rtol=1e-5)
 
@@ -47,8 +50,8 @@ def test_update_is_gradient_of_penalty():
 def test_l2_and_scalar_fisher_are_gradient_of_half_squared_distance():
     lam = 0.7
     expected = jax.grad(lambda p: 0.5 * lam * sum(
-        jnp.sum((u - v) ** 2) for u, v in zip(jax.tree.leaves(p), jax.tree.leaves(ANCHOR))))(
-        PARAMS)
+        jnp.sum((u - v) ** 2)
+        for u, v in zip(jax.tree.leaves(p), jax.tree.leaves(ANCHOR), strict=True)))(PARAMS)
     zeros = jax.tree.map(jnp.zeros_like, GRADS)
     tx = l2_penalty(lam=lam)
     _close(tx.update(zeros, tx.init(PARAMS), PARAMS, anchor=ANCHOR)[0], expected)
@@ -139,3 +142,89 @@ def test_bad_input_names_the_leaf_path():
         tx.update(GRADS, state, None, fisher=FISHER, anchor=ANCHOR)
     with pytest.raises(ValueError, match="l2_penalty needs the current parameters"):
         l2_penalty(lam=1.0).update(GRADS, state, anchor=ANCHOR)
+
+
+# ------------------------------------------------------------ nnx.Optimizer (user loops)
+
+
+def _nnx_setup():
+    model = make_model("mlp", input_shape=(2, 2, 1), num_classes=3, widths=(4,), seed=0)
+    x, y = jnp.ones((3, 2, 2, 1)), jnp.arange(3)
+
+    def loss(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    return model, loss
+
+
+def _step(jit):
+    def step(model, optimizer, loss, **extra):
+        optimizer.update(model, nnx.grad(loss)(model), **extra)
+
+    return nnx.jit(step, static_argnames="loss") if jit else step
+
+
+@pytest.mark.parametrize("form", ["dict", "state"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_penalty_through_nnx_optimizer_matches_optax_on_dicts(form, jit):
+    # nnx.Optimizer passes nnx.State params/updates; fisher/anchor given as pure dicts or
+    # nnx.State (of nnx.Param copies) are matched by path. Reference: plain optax on dicts.
+    model, loss = _nnx_setup()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    anchor = jax.tree.map(lambda p: p + 0.5, params)
+    fisher = jax.tree.map(lambda p: jnp.full(p.shape, 2.0), params)
+    if form == "state":
+        anchor_arg = nnx.state(nnx.clone(model), nnx.Param)  # nnx.Param wrappers
+        nnx.replace_by_pure_dict(anchor_arg, anchor)
+        fisher_arg = nnx.state(nnx.clone(model), nnx.Param)
+        nnx.replace_by_pure_dict(fisher_arg, fisher)
+    else:
+        anchor_arg, fisher_arg = anchor, fisher
+    grads = nnx.to_pure_dict(nnx.grad(loss)(model))
+    tx = optax.chain(ewc_penalty(lam=0.5), optax.sgd(0.1))
+    updates, _ = tx.update(grads, tx.init(params), params, fisher=fisher, anchor=anchor)
+    want = optax.apply_updates(params, updates)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    _step(jit)(model, optimizer, loss, fisher=fisher_arg, anchor=anchor_arg)
+    _close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), want)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_an_anchor_that_is_the_live_parameters_is_refused(jit):
+    model, loss = _nnx_setup()
+    optimizer = nnx.Optimizer(model, optax.chain(l2_penalty(lam=1.0), optax.sgd(0.1)),
+                              wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"anchor is the live parameters.*jax.tree.map\("
+                                         r"jnp.copy, nnx.to_pure_dict"):
+        _step(jit)(model, optimizer, loss, anchor=nnx.state(model, nnx.Param))
+    # The same tree passed to optax directly: the same arrays as params.
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = ewc_penalty(lam=1.0)
+    with pytest.raises(ValueError, match="anchor is the live parameters: anchor and params "
+                                         "are the same array at 'head/bias'"):
+        tx.update(params, tx.init(params), params, fisher=1.0, anchor=params)
+    # A copy is fine.
+    snapshot = jax.tree.map(jnp.copy, params)
+    _step(jit)(model, optimizer, loss, anchor=snapshot)
+
+
+def test_penalty_errors_name_the_path_not_a_treedef():
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
+    tx = ewc_penalty(lam=1.0)
+    with pytest.raises(ValueError, match="path 'dense/bias' is in params but not in anchor"):
+        tx.update(params, tx.init(params), params, fisher=1.0,
+                  anchor={"dense": {"kernel": jnp.zeros((3, 4))}})
+    with pytest.raises(ValueError, match=r"differ at path 'dense/kernel': shape \(3, 4\) vs "
+                                         r"\(4, 3\)"):
+        tx.update(params, tx.init(params), params, fisher=1.0,
+                  anchor={"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(4)}})
+
+
+def test_memory_of_an_nnx_state_is_pure_dicts():
+    model, _ = _nnx_setup()
+    state = nnx.state(model, nnx.Param)
+    memory = init_ewc_memory(state)
+    assert isinstance(memory.anchor, dict) and isinstance(memory.fisher, dict)
+    fisher = jax.tree.map(jnp.ones_like, state)  # an nnx.State Fisher
+    new = consolidate_ewc(memory, fisher, state)
+    assert isinstance(new.fisher, dict) and int(new.count) == 1

@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from clax.methods.gpm import gpm_memory
+from clax.models import make_model
 from clax.subspace import SubspaceBasis, empty_basis
 from clax.transforms import one_dimensional, subspace_projection
 
@@ -148,3 +151,31 @@ def test_bad_input_errors(setup):
         subspace_projection(rank_buckets=0)
     with pytest.raises(TypeError, match=r"rank_buckets must be a positive int, got 2.0 \(float"):
         subspace_projection(rank_buckets=2.0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_through_nnx_optimizer_with_dict_bases_and_mask(jit):
+    # nnx.Optimizer hands nnx.State params/updates to optax; the bases (from gpm_memory on
+    # pure dicts) and a static pure-dict freeze mask are matched by path.
+    model = make_model("mlp", input_shape=(2, 2, 1), num_classes=3, widths=(4,), seed=0)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    bases = gpm_memory(params)
+    bases["layers"][0]["kernel"] = random_basis(0, 4, 4, 2)
+    mask = jax.tree.map(lambda p: p.ndim == 1, params)
+    tx = optax.chain(subspace_projection(freeze_mask=mask), optax.sgd(0.5))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = jnp.ones((3, 2, 2, 1)), jnp.arange(3)
+
+    def step(model, optimizer, bases):
+        def loss(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        optimizer.update(model, nnx.grad(loss)(model), bases=bases)
+
+    (nnx.jit(step) if jit else step)(model, optimizer, bases)
+    new = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    delta = np.asarray(new["layers"][0]["kernel"]) - np.asarray(params["layers"][0]["kernel"])
+    assert np.abs(delta).max() > 1e-4
+    v = np.asarray(bases["layers"][0]["kernel"].vectors)[:, :2]
+    np.testing.assert_allclose(v.T @ delta, 0.0, atol=ATOL)  # protected directions kept
+    np.testing.assert_array_equal(new["layers"][0]["bias"], params["layers"][0]["bias"])
