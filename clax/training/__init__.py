@@ -16,7 +16,8 @@ from clax.training.config import (
 from clax.training.loop import NonFiniteLossError, Progress, RunResult, train_continual
 from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, StepMetrics
-from clax.training.unlearn import UnlearnResult, default_unlearn_config, unlearn
+# The unlearning driver is `clax.training.unlearn.unlearn` (the submodule keeps its name).
+from clax.training.unlearn import UnlearnResult, default_unlearn_config
 
 __all__ = [
     "NonFiniteLossError",
@@ -34,5 +35,4 @@ __all__ = [
     "default_config",
     "default_unlearn_config",
     "train_continual",
-    "unlearn",
 ]
