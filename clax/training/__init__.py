@@ -16,6 +16,7 @@ from clax.training.config import (
 from clax.training.loop import NonFiniteLossError, Progress, RunResult, train_continual
 from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, StepMetrics
+
 # The unlearning driver is `clax.training.unlearn.unlearn` (the submodule keeps its name).
 from clax.training.unlearn import UnlearnResult, default_unlearn_config
 
