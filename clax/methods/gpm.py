@@ -391,6 +391,7 @@ def gpm(
     freeze_1d_after_first_task: bool = True,
     project: str = "gradient",
     rank_buckets: int = 4,
+    implementation: str = "xla",
 ) -> Method:
     """Gradient Projection Memory (Saha, Garg, Roy, ICLR 2021).
 
@@ -419,6 +420,8 @@ def gpm(
         freeze_1d_after_first_task: Zero the updates of 1-D parameters once a basis exists.
         project: ``"gradient"`` (before the optimizer, as GPM) or ``"update"`` (after it).
         rank_buckets: Cost buckets of :func:`clax.transforms.subspace_projection`.
+        implementation: ``"xla"`` or ``"pallas"`` (the fused projection kernel; see
+            :func:`clax.transforms.subspace_projection`).
 
     Returns:
         The method.
@@ -441,6 +444,7 @@ def gpm(
     tx = subspace_projection(
         freeze_mask=one_dimensional if freeze_1d_after_first_task else None,
         rank_buckets=rank_buckets,
+        implementation=implementation,
     )
 
     def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:

@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clax._validation import check_positive_int
+from clax._validation import check_choice, check_positive_int
 from clax.params.paths import align_to, path_str, plain_path
 from clax.subspace.basis import SubspaceBasis
 from clax.typing import PyTree
+from kernels.projection import project_out_fused
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 MISSING_BASES_MSG = (
     "subspace_projection needs the bases as a keyword extra arg: "
@@ -93,7 +96,7 @@ def bucket_sizes(capacity: int, rank_buckets: int) -> tuple[int, ...]:
 
 
 def _project(g: jax.Array, basis: SubspaceBasis, n: int, cols: int, sizes: tuple[int, ...],
-             precision: Any) -> jax.Array:
+             precision: Any, implementation: str = "xla") -> jax.Array:
     """``g − V[:, :c] (V[:, :c]ᵀ g)`` with ``c`` the smallest bucket ≥ rank (0: identity)."""
     flat = g.reshape(n, cols)
     dtype = jnp.promote_types(flat.dtype, basis.vectors.dtype)
@@ -102,6 +105,11 @@ def _project(g: jax.Array, basis: SubspaceBasis, n: int, cols: int, sizes: tuple
     def branch(c: int) -> Callable[[jax.Array], jax.Array]:
         def f(x: jax.Array) -> jax.Array:
             v = v_all[:, :c]
+            if implementation == "pallas":
+                # The fused kernel of kernels/projection.py; the Pallas interpreter on CPU.
+                interpret = jax.default_backend() == "cpu"
+                return project_out_fused(v, x.astype(dtype), interpret=interpret).astype(
+                    x.dtype)
             coeff = jnp.matmul(v.T, x.astype(dtype), precision=precision)
             return (x - jnp.matmul(v, coeff, precision=precision)).astype(x.dtype)
         return f
@@ -121,6 +129,7 @@ def subspace_projection(
     freeze_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     rank_buckets: int = 4,
     precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
+    implementation: str = "xla",
 ) -> optax.GradientTransformationExtraArgs:
     """Removes from each update leaf its component in a protected input subspace (GPM).
 
@@ -169,6 +178,10 @@ def subspace_projection(
             capacity (except at rank 0).
         precision: Matmul precision (``HIGHEST``: orthogonal to ~1e-6 in float32 even where
             the default precision uses bf16/TF32 passes).
+        implementation: ``"xla"`` (two matmuls) or ``"pallas"`` (the fused kernel of
+            ``kernels/projection.py``, float32 accumulation; run by the Pallas interpreter
+            on CPU, where it is slow and only checks correctness; not yet checked or timed
+            on a GPU).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` (stateless: ``optax.EmptyState``).
@@ -197,6 +210,7 @@ def subspace_projection(
                [1., 1.]], dtype=float32)
     """
     rank_buckets = check_positive_int("rank_buckets", rank_buckets)
+    implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
 
     def init_fn(params: PyTree) -> optax.EmptyState:
         del params
@@ -231,7 +245,7 @@ def subspace_projection(
                 continue
             n, cols = _as_matrix(name, g, basis)
             sizes = bucket_sizes(basis.vectors.shape[1], rank_buckets)
-            out.append(_project(g, basis, n, cols, sizes, precision))
+            out.append(_project(g, basis, n, cols, sizes, precision, implementation))
         updates = jax.tree_util.tree_unflatten(treedef, out)
 
         if freeze_mask is not None:
