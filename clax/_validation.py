@@ -146,11 +146,6 @@ def check_positive_int(name: str, value: Any) -> int:
     ...
     ValueError: buffer_size must be a positive int, got 0
     """
-    return _check_positive_int_impl(name, value)
-
-
-def _check_positive_int_impl(name: str, value: Any) -> int:
-    """An int ``>= 1`` (not a bool): ``name must be a positive int, got ...``."""
     return check_int(name, value, low=1)
 
 

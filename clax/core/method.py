@@ -211,11 +211,6 @@ class Method:
         if hook is not plain:
             object.__setattr__(self, "optimizer", _checked_optimizer(self.name, hook))
 
-    @property
-    def has_boundary_hooks(self) -> bool:
-        """Whether the method needs to be told where tasks start or end."""
-        return self.before_task is not None or self.consolidate is not None
-
     def initial_memory(self, params: PyTree, data: DataSpec) -> PyTree:
         """``init_memory(params, data=data)`` if it takes a ``data`` keyword, else
         ``init_memory(params)``."""

@@ -32,7 +32,6 @@ Unlearner``, like the method registry (`clax.core.registry`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,6 +41,7 @@ from clax.core.batch import Batch, TrainArrays
 from clax.core.method import Method, OptimizerFn, plain
 from clax.core.model_fns import ModelFns
 from clax.core.objective import Objective
+from clax.core.registry import Registry
 from clax.core.state import TrainState
 from clax.typing import PyTree
 
@@ -139,47 +139,23 @@ class Unlearner:
 
 # ------------------------------------------------------------------------ the registry
 
-_REGISTRY: dict[str, Callable[..., Unlearner]] = {}
-
-
-def _qualname(f: Callable) -> str:
-    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+UNLEARNERS: Registry[Unlearner] = Registry("unlearner", Unlearner)
 
 
 def register_unlearner(name: str) -> Callable[[Callable[..., Unlearner]],
                                               Callable[..., Unlearner]]:
     """Decorator: registers a factory ``(**hyperparameters) -> Unlearner`` under `name`."""
-
-    def decorator(factory: Callable[..., Unlearner]) -> Callable[..., Unlearner]:
-        old = _REGISTRY.get(name)
-        # Re-running the same definition (a reloaded module) replaces it; a different
-        # factory under a taken name is a mistake.
-        if old is not None and _qualname(old) != _qualname(factory):
-            raise ValueError(
-                f"an unlearner named {name!r} is already registered by {_qualname(old)}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def _factory(name: str) -> Callable[..., Unlearner]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown unlearner {name!r}; valid choices: "
-                         f"{', '.join(registered_unlearners()) or 'none registered'}")
-    return _REGISTRY[name]
+    return UNLEARNERS.register(name)
 
 
 def unlearner_hyperparameters(name: str) -> dict[str, Any]:
     """The hyperparameters of registered unlearner `name` with their defaults."""
-    params = inspect.signature(_factory(name)).parameters.values()
-    return {p.name: p.default for p in params
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return UNLEARNERS.hyperparameters(name)
 
 
 def registered_unlearners() -> tuple[str, ...]:
     """Names of all registered unlearners, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return UNLEARNERS.names()
 
 
 def make_unlearner(name: str, **kwargs: Any) -> Unlearner:
@@ -190,14 +166,4 @@ def make_unlearner(name: str, **kwargs: Any) -> Unlearner:
         (lists the unlearner's valid ones).
       TypeError: the factory did not return an `Unlearner`.
     """
-    factory = _factory(name)
-    valid = list(unlearner_hyperparameters(name))
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"unlearner {name!r} got unknown hyperparameter(s) {unknown}; "
-                         f"valid: {valid or 'none'}")
-    unlearner = factory(**kwargs)
-    if not isinstance(unlearner, Unlearner):
-        raise TypeError(f"factory for {name!r} returned {type(unlearner).__name__}, "
-                        "not Unlearner")
-    return unlearner
+    return UNLEARNERS.make(name, **kwargs)

@@ -52,7 +52,7 @@ _SIMPLE = (bool, int, float, str, tuple)
 OPERATIONAL_KEYS = ("train.num_devices", "train.checkpoints_to_keep", "train.eval_batch_size")
 
 
-def _defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
+def defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
     """A subsection of overridable defaults (simple types only; lists become tuples)."""
     section = {}
     for name, default in params.items():
@@ -83,11 +83,11 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.model = ml_collections.ConfigDict({"name": "mlp", "multi_head": False})
     for name in sorted(clax_models.MODELS):
-        c.model[name] = _defaults_section(_model_defaults(name))
+        c.model[name] = defaults_section(_model_defaults(name))
     c.objective = ml_collections.ConfigDict({"name": "classification"})
     c.method = ml_collections.ConfigDict({"name": "finetune"})
     for name in registered_methods():
-        c.method[name] = _defaults_section(method_hyperparameters(name))
+        c.method[name] = defaults_section(method_hyperparameters(name))
     c.optimizer = ml_collections.ConfigDict(
         {"name": "sgd", "learning_rate": 0.01, "momentum": 0.0, "weight_decay": 0.0}
     )

@@ -57,6 +57,15 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped without saving."""
 
 
+def progress_from_json(cls: type, meta: dict[str, Any], what: str):
+    """``cls(**meta)`` for a progress dataclass, refusing fields another version wrote."""
+    unknown = sorted(set(meta) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {unknown}; it was written by another "
+                         "clax version. Use a new --workdir.")
+    return cls(**meta)
+
+
 @dataclasses.dataclass
 class Progress:
     """Where a run is and what it has measured: saved with every checkpoint (as JSON).
@@ -82,12 +91,7 @@ class Progress:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> Progress:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(meta) - known)
-        if unknown:
-            raise ValueError(f"checkpoint progress has unknown fields {unknown}; it was written "
-                             "by another clax version. Use a new --workdir.")
-        return cls(**meta)
+        return progress_from_json(cls, meta, "checkpoint progress")
 
     def matrix(self, metric: str) -> np.ndarray:
         """The (tasks done, T) matrix of `metric`."""

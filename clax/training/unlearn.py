@@ -86,7 +86,12 @@ from clax.metrics.unlearning import UnlearningSplit, reference_gap, unlearning_m
 from clax.training import config as config_lib
 from clax.training import feed
 from clax.training.checkpoint import Checkpointer
-from clax.training.loop import NonFiniteLossError, RunResult, train_continual
+from clax.training.loop import (
+    NonFiniteLossError,
+    RunResult,
+    progress_from_json,
+    train_continual,
+)
 from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, next_power_of_two
 from clax.typing import PyTree
@@ -149,7 +154,7 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
     u = ml_collections.ConfigDict()
     u.name = "ga"
     for name in registered_unlearners():
-        u[name] = config_lib._defaults_section(unlearner_hyperparameters(name))
+        u[name] = config_lib.defaults_section(unlearner_hyperparameters(name))
     u.forget = "classes"
     u.forget_classes = (0,)
     u.forget_tasks = (0,)
@@ -438,12 +443,7 @@ class _Progress:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> _Progress:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(meta) - known)
-        if unknown:
-            raise ValueError(f"unlearning checkpoint has unknown fields {unknown}; it was "
-                             "written by another clax version. Use a new --workdir.")
-        return cls(**meta)
+        return progress_from_json(cls, meta, "unlearning checkpoint")
 
 
 @dataclasses.dataclass
