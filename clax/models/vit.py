@@ -46,20 +46,30 @@ class SelfAttention(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-LN block: ``x + attn(ln1(x))`` then ``x + fc2(gelu(fc1(ln2(x))))``."""
+    """Pre-LN block: ``h = x + attn(ln1(x))`` then ``h + fc2(gelu(fc1(ln2(h))))``.
+
+    ``mlp_adapter`` (None until :func:`clax.models.peft.add_adapters` sets it) is the
+    AdaptFormer hook: a module applied in parallel to the MLP on the same residual stream,
+    ``out = h + mlp(ln2(h)) + mlp_adapter(h)``.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, causal: bool = False,
-                 rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+                 approximate_gelu: bool = True, norm_eps: float = 1e-6, rngs: nnx.Rngs):
+        self.approximate_gelu = approximate_gelu
+        self.ln1 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
         self.attn = SelfAttention(dim, num_heads, causal=causal, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
         self.fc1 = nnx.Linear(dim, dim * mlp_ratio, rngs=rngs)
         self.fc2 = nnx.Linear(dim * mlp_ratio, dim, rngs=rngs)
+        self.mlp_adapter: nnx.Module | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps tokens ``(B, N, D)`` to ``(B, N, D)``."""
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+        h = x + self.attn(self.ln1(x))
+        out = h + self.fc2(nnx.gelu(self.fc1(self.ln2(h)), approximate=self.approximate_gelu))
+        if self.mlp_adapter is not None:
+            out = out + self.mlp_adapter(h)
+        return out
 
 
 class TinyViT(Classifier):
@@ -70,6 +80,10 @@ class TinyViT(Classifier):
     Parameter paths: ``patch_embed/kernel`` (``(p, p, C, dim)``), ``cls_token``,
     ``pos_embed`` (``(1, N + 1, dim)``), ``blocks/0/attn/query/kernel``,
     ``blocks/0/fc1/kernel``, ``blocks/1/ln2/scale``, ``norm/scale``, ``head/kernel``.
+
+    ``prompt`` (None until :func:`clax.models.peft.add_prompt` sets it) is the prompt-tuning
+    hook: ``prompt(batch_size)`` gives ``(B, P, dim)`` tokens inserted after the cls token
+    (after the position embeddings are added, as in L2P), so features stay the cls output.
     """
 
     def __init__(
@@ -132,6 +146,7 @@ class TinyViT(Classifier):
             [TransformerBlock(dim, num_heads, mlp_ratio, rngs=rngs) for _ in range(depth)]
         )
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.prompt: nnx.Module | None = None
         self._init_classifier(input_shape, num_classes, num_tasks, dim, rngs)
 
     def _features(self, x: jax.Array) -> jax.Array:
@@ -139,6 +154,8 @@ class TinyViT(Classifier):
         tokens = self.patch_embed(x).reshape(b, self.num_patches, self.dim)
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.dim))
         h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...]
+        if self.prompt is not None:
+            h = jnp.concatenate([h[:, :1], self.prompt(b).astype(h.dtype), h[:, 1:]], axis=1)
         for block in self.blocks:
             h = block(h)
         return self.norm(h)[:, 0]
