@@ -10,6 +10,7 @@ from clax.models.base import Classifier
 from clax.models.capture import DEFAULT_LAYER_TYPES, capture_layer_inputs, conv_patches
 from clax.models.cnn import SmallCNN
 from clax.models.heads import MultiHeadLinear, apply_head, make_head
+from clax.models.llama import KVCache, LlamaConfig, LlamaLM
 from clax.models.lm import TinyCausalLM
 from clax.models.mlp import MLP
 from clax.models.registry import MODELS, make_model, model_kwargs
@@ -18,6 +19,9 @@ from clax.models.vit import SelfAttention, TinyViT, TransformerBlock
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaLM",
     "MLP",
     "MODELS",
     "BasicBlock",

@@ -9,6 +9,7 @@ from typing import Any
 from flax import nnx
 
 from clax.models.cnn import SmallCNN
+from clax.models.llama import LlamaLM
 from clax.models.lm import TinyCausalLM
 from clax.models.mlp import MLP
 from clax.models.resnet import ResNet18
@@ -20,6 +21,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "resnet18": ResNet18,
     "vit": TinyViT,
     "causal_lm": TinyCausalLM,
+    "llama": LlamaLM,
 }
 
 # Filled by make_model itself, so they are not "model-specific" keyword arguments.
@@ -35,11 +37,14 @@ def model_kwargs(name: str) -> tuple[str, ...]:
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; valid choices: {sorted(MODELS)}")
     params = inspect.signature(MODELS[name].__init__).parameters.values()
-    return tuple(
+    names = tuple(
         p.name
         for p in params
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
     )
+    # Models configured by a dataclass (LlamaLM) also take its fields as overrides.
+    extra = getattr(MODELS[name], "config_fields", None)
+    return names + (tuple(extra()) if extra is not None else ())
 
 
 def make_model(
