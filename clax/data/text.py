@@ -13,12 +13,17 @@ on one domain and then another forgets the first one's transitions.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from clax._validation import check_positive_int
 from clax.data.scenarios import Scenario, Task
+from clax.models.gguf import smollm2_gguf_path
+from clax.models.tokenizer import tokenizer_from_gguf, tokenizer_from_json
 
-__all__ = ["TEXT_SCENARIOS", "language_modeling_arrays", "synthetic_token_domains"]
+__all__ = ["TEXT_SCENARIOS", "language_modeling_arrays", "pack_tokens", "synthetic_token_domains",
+           "text_file_domains"]
 
 
 def language_modeling_arrays(sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,5 +95,96 @@ def synthetic_token_domains(
                     tasks=tuple(tasks), num_classes=vocab_size, input_shape=(seq_len,))
 
 
+def pack_tokens(ids: np.ndarray | list[int], seq_len: int) -> np.ndarray:
+    """Packs a token stream into ``(N, seq_len + 1)`` rows (inputs plus the next token).
+
+    Consecutive rows overlap by one token, so every token after the first is a target
+    exactly once; the tail shorter than a full row is dropped (at most ``seq_len`` tokens).
+    """
+    ids = np.asarray(ids, np.int64)
+    check_positive_int("seq_len", seq_len)
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"a stream of {len(ids)} tokens is too short for one sequence of "
+                         f"seq_len={seq_len} (+1 target)")
+    starts = np.arange(n) * seq_len
+    return ids[starts[:, None] + np.arange(seq_len + 1)[None, :]]
+
+
+def load_tokenizer(name: str):
+    """A tokenizer by name: ``"smollm2-135m"``, a ``.gguf`` file or a ``tokenizer.json``."""
+    if name == "smollm2-135m":
+        return tokenizer_from_gguf(smollm2_gguf_path())
+    if str(name).endswith(".gguf"):
+        return tokenizer_from_gguf(name)
+    if str(name).endswith(".json"):
+        return tokenizer_from_json(name)
+    raise ValueError(f"unknown tokenizer {name!r}: expected 'smollm2-135m', a .gguf file or a "
+                     f"tokenizer.json")
+
+
+def text_file_domains(
+    *,
+    files: tuple[str, ...] | list[str] | str,
+    tokenizer: str = "smollm2-135m",
+    seq_len: int = 128,
+    test_fraction: float = 0.1,
+    max_train_per_task: int | None = None,
+    seed: int = 0,
+) -> Scenario:
+    """One task per local text file, tokenized with a pretrained model's tokenizer.
+
+    Each file is read as UTF-8, tokenized whole, packed into sequences of ``seq_len + 1``
+    tokens (:func:`pack_tokens`) and split at random (seeded) into train and test
+    sequences. The vocabulary is the tokenizer's, so the scenario fits the pretrained
+    model the tokenizer belongs to.
+
+    Args:
+        files: Paths (a tuple, or one string with comma-separated paths).
+        tokenizer: See :func:`load_tokenizer`.
+        seq_len: Tokens per example.
+        test_fraction: Share of each file's sequences held out (at least one).
+        max_train_per_task: Keep at most this many training sequences per file.
+        seed: Seed of the split.
+
+    Raises:
+        ValueError: A missing or empty file, a file too short for one train and one test
+            sequence, or a malformed argument (each naming the setting).
+    """
+    paths = [p.strip() for p in files.split(",")] if isinstance(files, str) else list(files)
+    if not paths or any(not p for p in paths):
+        raise ValueError(f"files must name at least one text file, got {files!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if max_train_per_task is not None:
+        check_positive_int("max_train_per_task", max_train_per_task)
+    tok = load_tokenizer(tokenizer)
+    rng = np.random.default_rng([seed, 11])
+    tasks = []
+    for t, path in enumerate(paths):
+        if not os.path.isfile(path):
+            raise ValueError(f"text file {path!r} (scenario files[{t}]) does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise ValueError(f"text file {path!r} (scenario files[{t}]) is empty")
+        rows = pack_tokens(tok.encode(text), seq_len)
+        if len(rows) < 2:
+            raise ValueError(f"text file {path!r} gives {len(rows)} sequence(s) of seq_len="
+                             f"{seq_len}; need at least 2 (one train, one test)")
+        order = rng.permutation(len(rows))
+        n_test = max(1, int(round(test_fraction * len(rows))))
+        test, train = rows[order[:n_test]], rows[order[n_test:]]
+        if max_train_per_task is not None:
+            train = train[:max_train_per_task]
+        x_tr, y_tr = language_modeling_arrays(train)
+        x_te, y_te = language_modeling_arrays(test)
+        tasks.append(Task(id=t, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                          classes=np.arange(tok.vocab_size, dtype=np.int32)))
+    return Scenario(name=f"text_files/{tokenizer}", kind="domain_incremental",
+                    tasks=tuple(tasks), num_classes=tok.vocab_size, input_shape=(seq_len,))
+
+
 # Scenarios built without an image source (config.scenario.name selects them).
-TEXT_SCENARIOS = {"synthetic_token_domains": synthetic_token_domains}
+TEXT_SCENARIOS = {"synthetic_token_domains": synthetic_token_domains,
+                  "text_files": text_file_domains}

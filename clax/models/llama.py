@@ -402,10 +402,16 @@ class LlamaLM(nnx.Module):
         return cls(config=config, rngs=rngs)
 
     @staticmethod
-    def config_fields() -> tuple[str, ...]:
-        """Keyword arguments taken as :class:`LlamaConfig` overrides (for the registry)."""
-        return tuple(f.name for f in dataclasses.fields(LlamaConfig)
-                     if f.name not in ("max_len", "vocab_size"))
+    def config_fields() -> dict[str, type]:
+        """:class:`LlamaConfig` fields taken as keyword overrides, with their types (the
+        registry lists them; experiment configs leave them unset so the preset decides)."""
+        kinds = {"int": int, "float": float, "bool": bool, "str": str}
+        out = {}
+        for f in dataclasses.fields(LlamaConfig):
+            kind = str(f.type).split(" ")[0]
+            if f.name not in ("max_len", "vocab_size") and kind in kinds:
+                out[f.name] = kinds[kind]
+        return out
 
     def _check_tokens(self, tokens: jax.Array, extra: int = 0) -> None:
         if tokens.ndim != 2:

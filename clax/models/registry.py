@@ -14,6 +14,7 @@ from clax.models.lm import TinyCausalLM
 from clax.models.mlp import MLP
 from clax.models.resnet import ResNet18
 from clax.models.vit import TinyViT
+from clax.models.vit_pretrained import ViT
 
 MODELS: dict[str, type[nnx.Module]] = {
     "mlp": MLP,
@@ -22,6 +23,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "vit": TinyViT,
     "causal_lm": TinyCausalLM,
     "llama": LlamaLM,
+    "vit_b16": ViT,
 }
 
 # Filled by make_model itself, so they are not "model-specific" keyword arguments.

@@ -54,13 +54,30 @@ class TransformerBlock(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, causal: bool = False,
-                 approximate_gelu: bool = True, norm_eps: float = 1e-6, rngs: nnx.Rngs):
+                 approximate_gelu: bool = True, norm_eps: float = 1e-6,
+                 mlp_dim: int | None = None, rngs: nnx.Rngs):
+        """Builds the block.
+
+        Args:
+            dim: Token width.
+            num_heads: Attention heads; must divide ``dim``.
+            mlp_ratio: MLP hidden width as a multiple of ``dim`` (ignored when ``mlp_dim`` is
+                given).
+            causal: Causal (decoder) attention.
+            approximate_gelu: tanh-approximate GELU (``False``: exact erf GELU, as in
+                timm / Hugging Face ViTs).
+            norm_eps: LayerNorm epsilon.
+            mlp_dim: MLP hidden width; overrides ``dim * mlp_ratio`` so checkpoints whose
+                hidden width is not a multiple of ``dim`` can be represented.
+            rngs: Random streams for initialisation.
+        """
+        hidden = dim * mlp_ratio if mlp_dim is None else mlp_dim
         self.approximate_gelu = approximate_gelu
         self.ln1 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
         self.attn = SelfAttention(dim, num_heads, causal=causal, rngs=rngs)
         self.ln2 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, dim * mlp_ratio, rngs=rngs)
-        self.fc2 = nnx.Linear(dim * mlp_ratio, dim, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
         self.mlp_adapter: nnx.Module | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -65,7 +65,9 @@ def defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
 
 def _model_defaults(name: str) -> dict[str, Any]:
     sig = inspect.signature(clax_models.MODELS[name].__init__)
-    return {k: sig.parameters[k].default for k in clax_models.model_kwargs(name)}
+    fields = getattr(clax_models.MODELS[name], "config_fields", dict)()
+    return {k: sig.parameters[k].default if k in sig.parameters else placeholder(fields[k])
+            for k in clax_models.model_kwargs(name)}
 
 
 def default_config() -> ml_collections.ConfigDict:

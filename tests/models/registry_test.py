@@ -7,10 +7,12 @@ from flax import nnx
 from clax.models import (
     MLP,
     MODELS,
+    LlamaLM,
     ResNet18,
     SmallCNN,
     TinyCausalLM,
     TinyViT,
+    ViT,
     make_model,
     model_kwargs,
 )
@@ -19,7 +21,7 @@ from tests.models.models_test import images
 
 def test_registry_contents():
     assert MODELS == {"mlp": MLP, "cnn": SmallCNN, "resnet18": ResNet18, "vit": TinyViT,
-                      "causal_lm": TinyCausalLM}
+                      "causal_lm": TinyCausalLM, "llama": LlamaLM, "vit_b16": ViT}
 
 
 def test_model_kwargs():
@@ -30,7 +32,7 @@ def test_model_kwargs():
     assert model_kwargs("causal_lm") == ("dim", "depth", "num_heads", "mlp_ratio")
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if n != "causal_lm"])
+@pytest.mark.parametrize("name", [n for n in MODELS if n not in ("causal_lm", "llama")])
 def test_make_model_defaults(name):
     model = nnx.eval_shape(lambda: make_model(name, input_shape=(32, 32, 3), num_classes=7))
     assert type(model) is MODELS[name]
