@@ -11,6 +11,7 @@ exposes penultimate ``features(x)``, and uses a multi-head output when ``num_tas
 from clax.models.base import Classifier
 from clax.models.capture import DEFAULT_LAYER_TYPES, capture_layer_inputs, conv_patches
 from clax.models.cnn import SmallCNN
+from clax.models.efficientnet import LITE_MEAN, LITE_STD, EfficientNetLite0, efficientnet_lite0
 from clax.models.generate import generate, generate_text, token_nll
 from clax.models.gguf import GGUFFile, read_gguf, smollm2_gguf_path
 from clax.models.heads import MultiHeadLinear, apply_head, make_head
@@ -23,9 +24,23 @@ from clax.models.llama_io import (
 )
 from clax.models.lm import TinyCausalLM
 from clax.models.mlp import MLP
+from clax.models.peft import (
+    ADAPTER_KEYS,
+    BottleneckAdapter,
+    LoRALinear,
+    PromptTokens,
+    add_adapters,
+    add_lora,
+    add_prompt,
+    count_params,
+    merge_lora,
+    peft_mask,
+    trainable_params,
+)
 from clax.models.registry import MODELS, make_model, model_kwargs
 from clax.models.resnet import BasicBlock, ResNet18
 from clax.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_json
+from clax.models.torch_pickle import load_torch_state_dict
 from clax.models.vit import SelfAttention, TinyViT, TransformerBlock
 from clax.models.vit_pretrained import (
     ViT,
@@ -36,6 +51,22 @@ from clax.models.vit_pretrained import (
 )
 
 __all__ = [
+    "ADAPTER_KEYS",
+    "LITE_MEAN",
+    "LITE_STD",
+    "BottleneckAdapter",
+    "EfficientNetLite0",
+    "LoRALinear",
+    "PromptTokens",
+    "add_adapters",
+    "add_lora",
+    "add_prompt",
+    "count_params",
+    "efficientnet_lite0",
+    "load_torch_state_dict",
+    "merge_lora",
+    "peft_mask",
+    "trainable_params",
     "DEFAULT_LAYER_TYPES",
     "KVCache",
     "LlamaConfig",

@@ -9,6 +9,7 @@ from typing import Any
 from flax import nnx
 
 from clax.models.cnn import SmallCNN
+from clax.models.efficientnet import EfficientNetLite0
 from clax.models.llama import LlamaLM
 from clax.models.lm import TinyCausalLM
 from clax.models.mlp import MLP
@@ -24,6 +25,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "causal_lm": TinyCausalLM,
     "llama": LlamaLM,
     "vit_b16": ViT,
+    "efficientnet_lite0": EfficientNetLite0,
 }
 
 # Filled by make_model itself, so they are not "model-specific" keyword arguments.

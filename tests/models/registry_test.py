@@ -7,6 +7,7 @@ from flax import nnx
 from clax.models import (
     MLP,
     MODELS,
+    EfficientNetLite0,
     LlamaLM,
     ResNet18,
     SmallCNN,
@@ -21,7 +22,8 @@ from tests.models.models_test import images
 
 def test_registry_contents():
     assert MODELS == {"mlp": MLP, "cnn": SmallCNN, "resnet18": ResNet18, "vit": TinyViT,
-                      "causal_lm": TinyCausalLM, "llama": LlamaLM, "vit_b16": ViT}
+                      "causal_lm": TinyCausalLM, "llama": LlamaLM, "vit_b16": ViT,
+                      "efficientnet_lite0": EfficientNetLite0}
 
 
 def test_model_kwargs():
