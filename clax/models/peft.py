@@ -536,7 +536,7 @@ def add_prompt(model: nnx.Module, *, length: int, dim: int | None = None,
         raise ValueError(f"{type(model).__name__} already has a prompt "
                          f"({type(model.prompt).__name__})")
     if dim is None:
-        dim = getattr(model, "dim", None)
+        dim = getattr(model, "dim", None) or getattr(model, "feature_dim", None)
         if dim is None:
             raise ValueError(f"cannot infer the token width of {type(model).__name__}; "
                              "pass dim=")

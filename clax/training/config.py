@@ -10,6 +10,10 @@ Sections (every experiment config starts from `default_config()` and edits it):
 - ``model``: ``name``, ``multi_head`` (one head per task; task-incremental scenarios
   only) and one subsection per model with its arguments: ``model.mlp.widths``,
   ``model.cnn.channels``, ...; only the selected model's subsection is used.
+  ``model.pretrained`` loads weights (``llama``: ``"smollm2-135m"``, a ``.gguf`` file or a
+  Hugging Face directory; ``efficientnet_lite0``: ``"imagenet"``; ``vit_b16``: a
+  ``.safetensors`` file) and ``model.peft`` adds LoRA / bottleneck adapters / prompt
+  tokens and trains only them (plus the ``peft.train`` patterns).
 - ``method``: ``name`` and one subsection per registered method with its
   hyperparameters: ``--config.method.name=ewc --config.method.ewc.lam=100``.
 - ``objective``: ``name`` (``classification``: masked cross-entropy and accuracy;
@@ -83,9 +87,18 @@ def default_config() -> ml_collections.ConfigDict:
         {"name": "class_incremental", "classes_per_task": 2, "seed": 0,
          "max_train_per_task": placeholder(int), "max_test_per_task": placeholder(int)}
     )
-    c.model = ml_collections.ConfigDict({"name": "mlp", "multi_head": False})
+    c.model = ml_collections.ConfigDict({"name": "mlp", "multi_head": False,
+                                         "pretrained": placeholder(str)})
     for name in sorted(clax_models.MODELS):
         c.model[name] = defaults_section(_model_defaults(name))
+    # Parameter-efficient tuning: 0 turns a part off. With any part on, only the adapter
+    # parameters (and parameters whose path matches a `train` regex) are trained; the base
+    # stays bit-identical (`clax.params.train_only` around the whole optimizer chain).
+    c.model.peft = ml_collections.ConfigDict({
+        "lora_rank": 0, "lora_alpha": placeholder(float),
+        # re.fullmatch over '/'-joined module paths, e.g. r".*self_attn/(q_proj|v_proj)".
+        "lora_targets": r".*", "adapter_bottleneck": 0, "adapter_scale": 0.1,
+        "prompt_length": 0, "train": ()})
     c.objective = ml_collections.ConfigDict({"name": "classification"})
     c.method = ml_collections.ConfigDict({"name": "finetune"})
     for name in registered_methods():
@@ -165,8 +178,95 @@ def _subsection(section: ml_collections.ConfigDict, name: str) -> dict[str, Any]
     return {k: v for k, v in sub.to_dict().items() if v is not None}
 
 
+PRETRAINED_MODELS = ("llama", "efficientnet_lite0", "vit_b16")
+
+
+def _pretrained_model(config: ml_collections.ConfigDict, scenario, num_tasks: int
+                      ) -> nnx.Module:
+    name, source = config.model.name, config.model.pretrained
+    options = _subsection(config.model, name)
+    if name == "llama":
+        # Only numerics may change; shapes come from the checkpoint.
+        fixed = sorted(set(options) - {"preset", "dtype", "param_dtype"})
+        if fixed:
+            raise ValueError(f"config.model.llama.{fixed[0]} cannot change a pretrained model "
+                             f"(config.model.pretrained={source!r}); only dtype and "
+                             f"param_dtype may be set")
+        model, tokenizer = clax_models.load_pretrained(
+            source, dtype=options.get("dtype", "float32"),
+            param_dtype=options.get("param_dtype", "float32"),
+            max_len=int(scenario.input_shape[0]))
+        if tokenizer.vocab_size > scenario.num_classes:
+            raise ValueError(f"scenario {scenario.name!r} has {scenario.num_classes} token ids "
+                             f"but the tokenizer of {source!r} has {tokenizer.vocab_size}")
+        if model.config.vocab_size != scenario.num_classes:
+            raise ValueError(f"scenario {scenario.name!r} has num_classes="
+                             f"{scenario.num_classes}, but the pretrained model's vocabulary "
+                             f"is {model.config.vocab_size}; tokenize with its tokenizer")
+        return model
+    if name == "efficientnet_lite0":
+        if source != "imagenet":
+            raise ValueError(f"config.model.pretrained for efficientnet_lite0 must be "
+                             f"'imagenet', got {source!r}")
+        h, w, c = scenario.input_shape
+        if h != w or c != 3:
+            raise ValueError(f"efficientnet_lite0 needs square RGB inputs (H, H, 3), got "
+                             f"{tuple(scenario.input_shape)}; resize with "
+                             f"clax.models.preprocess.prepare_images")
+        return clax_models.efficientnet_lite0(pretrained=True, num_classes=scenario.num_classes,
+                                              num_tasks=num_tasks, input_size=h,
+                                              rngs=nnx.Rngs(config.seed))
+    if name == "vit_b16":
+        return clax_models.load_vit_safetensors(
+            source, image_size=int(scenario.input_shape[0]), num_classes=scenario.num_classes,
+            num_tasks=num_tasks, rngs=nnx.Rngs(config.seed))
+    raise ValueError(f"config.model.pretrained is supported for {', '.join(PRETRAINED_MODELS)}"
+                     f", not model {name!r}")
+
+
+def peft_enabled(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.model.peft`` adds any adapter (then only adapters train)."""
+    p = config.model.get("peft")
+    return p is not None and bool(p.lora_rank or p.adapter_bottleneck or p.prompt_length)
+
+
+def _add_peft(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
+    p = config.model.peft
+    for key in ("lora_rank", "adapter_bottleneck", "prompt_length"):
+        if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 0:
+            raise ValueError(f"config.model.peft.{key} must be an int >= 0 (0: off), got "
+                             f"{p[key]!r}")
+    rngs = nnx.Rngs(config.seed + 1)
+    if p.lora_rank:
+        clax_models.add_lora(model, rank=p.lora_rank, alpha=p.lora_alpha,
+                             targets=p.lora_targets, rngs=rngs)
+    if p.adapter_bottleneck:
+        clax_models.add_adapters(model, bottleneck=p.adapter_bottleneck, scale=p.adapter_scale,
+                                 rngs=rngs)
+    if p.prompt_length:
+        clax_models.add_prompt(model, length=p.prompt_length, rngs=rngs)
+
+
+def trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any | None:
+    """The trainable-parameter mask of a parameter-efficient run, else None (all train)."""
+    if not peft_enabled(config):
+        if tuple(config.model.get("peft", {}).get("train", ())):
+            raise ValueError("config.model.peft.train needs an adapter (lora_rank, "
+                             "adapter_bottleneck or prompt_length > 0)")
+        return None
+    return clax_models.peft_mask(params, train=tuple(config.model.peft.train))
+
+
 def build_model(config: ml_collections.ConfigDict, scenario) -> nnx.Module:
-    """Builds the configured NNX model for `scenario` (input shape, classes, heads)."""
+    """Builds the configured NNX model for `scenario` (input shape, classes, heads), loads
+    ``config.model.pretrained`` weights and adds the ``config.model.peft`` adapters."""
+    model = _build_base_model(config, scenario)
+    if peft_enabled(config):
+        _add_peft(config, model)
+    return model
+
+
+def _build_base_model(config: ml_collections.ConfigDict, scenario) -> nnx.Module:
     multi_head = bool(config.model.get("multi_head", False))
     if multi_head and not scenario.uses_task_ids:
         raise ValueError(
@@ -178,6 +278,8 @@ def build_model(config: ml_collections.ConfigDict, scenario) -> nnx.Module:
         raise ValueError(
             f"unknown model {name!r}; valid choices: {', '.join(sorted(clax_models.MODELS))}"
         )
+    if config.model.get("pretrained") is not None:
+        return _pretrained_model(config, scenario, scenario.num_tasks if multi_head else 1)
     return clax_models.make_model(
         name,
         input_shape=tuple(scenario.input_shape),

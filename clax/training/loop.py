@@ -44,6 +44,7 @@ from clax.core import (
     primary_metric,
 )
 from clax.data import Scenario
+from clax.params import train_only
 from clax.training import config as config_lib
 from clax.training import feed
 from clax.training.checkpoint import Checkpointer
@@ -420,7 +421,13 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
         jax.ShapeDtypeStruct((1,), np.int32))
     data = DataSpec(example, jax.ShapeDtypeStruct(output.shape[1:], output.dtype))
     base_tx = config_lib.build_optimizer(config.optimizer)
-    steps = StepFns(fns_model, method, method.optimizer(base_tx), mesh, objective, data)
+    tx = method.optimizer(base_tx)
+    trainable = config_lib.trainable_mask(config, params)
+    if trainable is not None:
+        # Adapter-only training: the whole chain (method transforms included) sees the
+        # trainable leaves only; the rest get exact zero updates.
+        tx = train_only(tx, trainable)
+    steps = StepFns(fns_model, method, tx, mesh, objective, data)
     state = steps.init_state(params, model_state, config.seed)
     ckpt = None
     if workdir is not None:
