@@ -28,6 +28,7 @@ domains can drift through them. Both run; only mlp/cnn reproduce GPM.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -77,6 +78,36 @@ def _projected_fan_in(path: Path, leaf: Any) -> int | None:
     if len(shape) == 4:
         return int(math.prod(shape[:3]))
     return None
+
+
+def _is_task_head(path: Path, leaf: Any) -> bool:
+    # MultiHeadLinear: kernel (T, D, C) and bias (T, C).
+    return bool(path) and ((path[-1] == "kernel" and np.ndim(leaf) == 3)
+                           or (path[-1] == "bias" and np.ndim(leaf) == 2))
+
+
+def unprotected_mask(params: PyTree) -> PyTree:
+    """True at tensors GPM neither projects nor freezes by default.
+
+    Those are the leaves with no basis (not a Dense / conv ``kernel``) that are not 1-D
+    (frozen by ``freeze_1d_after_first_task``) and not multi-head task heads (which train
+    freely by design): token and position embeddings, cls tokens, prompt tokens. Old tasks
+    can drift through them.
+    """
+    params = pure_tree(params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: (np.ndim(x) > 1 and _projected_fan_in(plain_path(p), x) is None
+                      and not _is_task_head(plain_path(p), x)), params)
+
+
+def unprotected_paths(params: PyTree) -> list[str]:
+    """'/'-joined paths of :func:`unprotected_mask`'s True leaves (for reports)."""
+    flags = jax.tree_util.tree_leaves_with_path(unprotected_mask(params))
+    return [path_str(p) for p, flag in flags if flag]
+
+
+def _freeze_unprojected(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: a or b, one_dimensional(params), unprotected_mask(params))
 
 
 def gpm_memory(params: PyTree, dtype: Any = jnp.float32) -> PyTree:
@@ -389,6 +420,7 @@ def gpm(
     num_samples: int = 300,
     max_columns: int = DEFAULT_MAX_COLUMNS,
     freeze_1d_after_first_task: bool = True,
+    unprojected: str = "train",
     project: str = "gradient",
     rank_buckets: int = 4,
     implementation: str = "xla",
@@ -418,6 +450,11 @@ def gpm(
         num_samples: Training examples of each task for the representations.
         max_columns: Cap on the columns of a representation matrix (conv patches).
         freeze_1d_after_first_task: Zero the updates of 1-D parameters once a basis exists.
+        unprojected: What happens to tensors with no basis that are not 1-D or task heads
+            (token / position embeddings, cls and prompt tokens: :func:`unprotected_mask`):
+            ``"train"`` (GPM's behaviour; they are listed in a warning at the first
+            consolidation, as they are unprotected) or ``"freeze"`` (zeroed from the
+            second task on, with the 1-D parameters).
         project: ``"gradient"`` (before the optimizer, as GPM) or ``"update"`` (after it).
         rank_buckets: Cost buckets of :func:`clax.transforms.subspace_projection`.
         implementation: ``"xla"`` or ``"pallas"`` (the fused projection kernel; see
@@ -439,15 +476,29 @@ def gpm(
     freeze_1d_after_first_task = check_bool("freeze_1d_after_first_task",
                                             freeze_1d_after_first_task)
     project = check_choice("project", project, ("gradient", "update"))
+    unprojected = check_choice("unprojected", unprojected, ("train", "freeze"))
     rank_buckets = check_positive_int("rank_buckets", rank_buckets)
+    if unprojected == "freeze":
+        freeze = _freeze_unprojected if freeze_1d_after_first_task else unprotected_mask
+    else:
+        freeze = one_dimensional if freeze_1d_after_first_task else None
+    reported = []
 
     tx = subspace_projection(
-        freeze_mask=one_dimensional if freeze_1d_after_first_task else None,
+        freeze_mask=freeze,
         rank_buckets=rank_buckets,
         implementation=implementation,
     )
 
     def consolidate(state: TrainState, ctx: BoundaryContext) -> TrainState:
+        if unprojected == "train" and not reported:
+            reported.append(True)
+            loose = unprotected_paths(state.params)
+            if loose:
+                logging.warning(
+                    "gpm: %d tensor(s) are neither projected nor frozen, so old tasks can "
+                    "drift through them: %s%s; set unprojected='freeze' to freeze them",
+                    len(loose), ", ".join(loose[:4]), " ..." if len(loose) > 4 else "")
         return gpm_consolidate(
             state, ctx, threshold=threshold, layer_thresholds=layer_thresholds,
             threshold_increment=float(threshold_increment), num_samples=num_samples,
