@@ -28,7 +28,7 @@ from clax.edits.averaging import WeightAveragingState
 from clax.edits.averaging import weight_averaging as _weight_averaging
 from clax.edits.lines import lines_scale
 from clax.models.batched import batched_apply
-from clax.params.paths import block_depths, head_backbone_labels
+from clax.params.paths import align_to, block_depths, head_backbone_labels
 from clax.transforms.ema import EMABalancingState, ema_balancing, find_state
 from clax.typing import PyTree
 
@@ -53,22 +53,35 @@ def swap_in(state: TrainState, state_type: type, field: str, **more: Any) -> Tra
         field: ``"ema"`` or ``"average"``.
         **more: Other fields of the wrapper state to replace (same shapes and dtypes).
 
+    Trees are matched by parameter path. Inside ``clax.params.train_only(tx, mask)``
+    (``optax.partition``) the wrapper tracks only the trainable leaves (its tree holds
+    ``optax.MaskedNode`` at the frozen ones): those are swapped in, and the frozen leaves
+    are kept as they are (bit-identical; they never move).
+
     Returns:
         The new state (params and opt_state replaced; same structure, shapes and dtypes).
+
+    Raises:
+        ValueError: The tracked tree has a path the params lack, or lacks one that it
+            does not mask out (naming the path).
     """
     found = find_state(state.opt_state, state_type)
-    params = jax.tree.map(
-        lambda s, p: jnp.asarray(s, jnp.result_type(p)), getattr(found, field), state.params
-    )
+    tracked = align_to(getattr(found, field), state.params, (f"the {field} state", "params"),
+                       missing="masked")
+    params = jax.tree.map(lambda s, p: p if s is p else jnp.asarray(s, jnp.result_type(p)),
+                          tracked, state.params)
     return _set_tracked(state._replace(params=params), state_type, field, **more)
 
 
 def _set_tracked(state: TrainState, state_type: type, field: str, **more: Any) -> TrainState:
-    """Sets the wrapper's tracked tree (``field``) to ``state.params``; params unchanged."""
+    """Sets the wrapper's tracked tree (``field``) to ``state.params``; params unchanged.
+
+    By path: where the tree masks a leaf out (``optax.MaskedNode``, a frozen leaf inside
+    ``train_only``) it stays masked."""
     found = find_state(state.opt_state, state_type)
-    tracked = jax.tree.map(
-        lambda p, s: jnp.asarray(p, jnp.result_type(s)), state.params, getattr(found, field)
-    )
+    current = getattr(found, field)
+    params = align_to(state.params, current, ("params", f"the {field} state"))
+    tracked = jax.tree.map(lambda p, s: jnp.asarray(p, jnp.result_type(s)), params, current)
 
     def replace(x: Any) -> Any:
         return x._replace(**{field: tracked}, **more) if isinstance(x, state_type) else x

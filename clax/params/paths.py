@@ -11,7 +11,9 @@ any other pytree container (lists, tuples, NamedTuples), so optimizer states wor
 to optax) are read like the pure dicts: a leaf wrapped in an ``nnx.Variable`` flattens to
 the path of the variable followed by ``.value``, and :func:`plain_path` drops that trailing
 ``value`` entry, so ``"layers/0/kernel"`` names the same parameter in both forms.
-:func:`align_to` reorders any such tree into another's structure by these paths.
+:func:`align_to` reorders any such tree into another's structure by these paths (and
+selects, from a tree over every parameter, the part an ``optax.partition`` hands a
+transform: :func:`masked_paths`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from clax.typing import Path, PyTree
@@ -121,9 +124,14 @@ def strip_variables(tree: PyTree) -> PyTree:
                         tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def leaves_by_path(tree: PyTree) -> dict[Path, Any]:
-    """``{plain path: leaf}`` of `tree`, in flatten order (``nnx`` wrappers see through)."""
-    return {plain_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def leaves_by_path(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None
+                   ) -> dict[Path, Any]:
+    """``{plain path: leaf}`` of `tree`, in flatten order (``nnx`` wrappers see through).
+
+    ``is_leaf`` is passed to the flattening (e.g. ``lambda x: x is None`` keeps ``None``
+    entries)."""
+    pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {plain_path(p): leaf for p, leaf in pairs}
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -265,23 +273,101 @@ def check_same_structure(a: PyTree, b: PyTree, names: tuple[str, str] = ("a", "b
         raise ValueError(describe_container_difference(a, b, names))
 
 
+def masked_paths(tree: PyTree) -> list[Path]:
+    """Plain paths of the ``optax.MaskedNode`` nodes of `tree`, in flatten order.
+
+    ``optax.masked`` and ``optax.partition`` (so :func:`clax.params.train_only`) hand their
+    inner transform the params and updates with a ``MaskedNode`` (a container with no
+    leaves) in place of every leaf (or subtree) it does not see: these are those places.
+    """
+    pairs = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+    return [plain_path(p) for p, x in pairs if isinstance(x, optax.MaskedNode)]
+
+
+def is_masked(path: Sequence[Any] | str, masked: Sequence[Path] | frozenset[str]) -> bool:
+    """Whether `path` (a path, or its :func:`path_str`) is at or below one of `masked`.
+
+    `masked`: paths (as :func:`masked_paths` gives them), or the frozenset of their
+    :func:`path_str` names (faster when asking about many paths)."""
+    prefixes = masked if isinstance(masked, frozenset) else frozenset(
+        path_str(m) for m in masked)
+    if not prefixes:
+        return False
+    if "" in prefixes:  # the whole tree is masked
+        return True
+    name = path if isinstance(path, str) else path_str(path)
+    parts = name.split("/")
+    return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
+
+
+_EXTRA = ("error", "drop")
+_MISSING = ("error", "masked")
+
+
 def align_to(tree: PyTree, like: PyTree, names: tuple[str, str] = ("tree", "like"), *,
-             check_shapes: bool = True) -> PyTree:
+             check_shapes: bool = True, extra: str = "error", missing: str = "error",
+             is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
     """The leaves of `tree` in the structure of `like`, matched by path.
 
     Containers may differ (a pure dict against the ``nnx.State`` that ``nnx.Optimizer``
     passes to optax, ``nnx.Param`` wrappers against arrays); the leaf objects are reused.
 
+    Masked trees. Inside ``optax.partition`` / :func:`clax.params.train_only` a transform
+    sees only the trainable leaves, the others replaced by ``optax.MaskedNode``; a tree kept
+    over *every* parameter (a method's memory: a Fisher, an anchor, bases) is then aligned
+    to the trainable part. Paths of `tree` at or below a ``MaskedNode`` of `like` are
+    always dropped (`like` says they are left out on purpose); the result keeps `like`'s
+    ``MaskedNode`` there.
+
+    Args:
+        tree: The tree whose leaves are taken.
+        like: The reference structure.
+        names: How `tree` and `like` are called in error messages.
+        check_shapes: Also require equal leaf shapes on matched paths.
+        extra: What to do with the other paths of `tree` that `like` lacks: ``"error"``
+            (raise, naming the first) or ``"drop"`` (leave them out: `tree` may cover more
+            than `like`, e.g. memory over all parameters against the updates of an
+            ``nnx.Optimizer`` with a ``wrt`` filter; every path of `like` still needs a
+            leaf of `tree`).
+        missing: What to do with paths of `like` that `tree` lacks: ``"error"`` (raise,
+            naming the first) or ``"masked"`` (where `tree` holds a ``MaskedNode`` at or
+            above the path, take `like`'s own leaf: e.g. the full params overlaid with a
+            masked transform's state; raise elsewhere).
+        is_leaf: Passed to the flattening of both trees (e.g. to keep ``None`` or
+            ``SubspaceBasis`` entries as leaves; then pass ``check_shapes=False``).
+
+    Returns:
+        A tree with the structure of `like`.
+
     Raises:
-        ValueError: A path in one tree and not the other, or (``check_shapes``) a shape
-            difference, naming the path.
+        ValueError: A path in one tree and not the other (within `extra` and `missing`),
+            or (``check_shapes``) a shape difference, naming the path.
     """
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(like)
-    have = leaves_by_path(tree)
+    if extra not in _EXTRA:
+        raise ValueError(f"extra must be one of {_EXTRA}, got {extra!r}")
+    if missing not in _MISSING:
+        raise ValueError(f"missing must be one of {_MISSING}, got {missing!r}")
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_leaf)
+    have = leaves_by_path(tree, is_leaf)
     want = {plain_path(p): leaf for p, leaf in pairs}
+    like_masked = frozenset(path_str(m) for m in masked_paths(like))
+    tree_masked = (frozenset(path_str(m) for m in masked_paths(tree)) if missing == "masked"
+                   else frozenset())
+    if extra == "drop" or like_masked:
+        have_checked = {path: x for path, x in have.items() if path in want or (
+            extra == "error" and not is_masked(path, like_masked))}
+    else:
+        have_checked = have
+    if missing == "masked" and tree_masked:
+        want_checked = {path: x for path, x in want.items()
+                        if path in have or not is_masked(path, tree_masked)}
+    else:
+        want_checked = want
     # Report the reference tree first: "path 'x' is in params but not in anchor".
-    _check_paths(want, have, (names[1], names[0]), check_shapes)
-    return jax.tree_util.tree_unflatten(treedef, [have[plain_path(p)] for p, _ in pairs])
+    _check_paths(want_checked, have_checked, (names[1], names[0]), check_shapes)
+    return jax.tree_util.tree_unflatten(
+        treedef, [have.get(path, leaf) for path, leaf in want.items()])
 
 
 def _as_index(key: Hashable) -> int | None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from clax._validation import check_same_shapes
+from clax.params.paths import align_to
 from clax.typing import PyTree
 
 
@@ -34,6 +35,23 @@ def _vdot(a: PyTree, b: PyTree) -> jax.Array:
          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)),
         jnp.zeros((), jnp.float32),
     )
+
+
+def _select(reference_grads: PyTree, updates: PyTree) -> PyTree:
+    """The reference gradient's leaves at the paths of the updates, in their structure.
+
+    By path (:func:`clax.params.paths.align_to`): a pure dict fits the ``nnx.State`` that
+    ``nnx.Optimizer`` passes, and a reference gradient over every parameter fits the
+    updates of only the trainable ones (inside ``clax.params.train_only`` /
+    ``optax.partition``, ``optax.MaskedNode`` at the frozen leaves), so the dot products
+    run over the trainable leaves. An update leaf without a reference leaf is an error.
+    """
+    try:
+        return align_to(reference_grads, updates, ("reference_grads", "the gradients"),
+                        check_shapes=False, extra="drop")
+    except ValueError as e:
+        raise ValueError("reference_grads must have the structure and leaf shapes of the "
+                         f"gradients (matched by parameter path): {e}") from None
 
 
 def agem_project(grads: PyTree, reference_grads: PyTree) -> tuple[PyTree, jax.Array]:
@@ -77,8 +95,12 @@ def agem() -> optax.GradientTransformationExtraArgs:
         An ``optax.GradientTransformationExtraArgs`` with :class:`AGEMState`.
 
     Raises:
-        ValueError: At update time, if ``reference_grads`` is missing or does not have the
-            structure and shapes of the gradients.
+        ValueError: At update time, if ``reference_grads`` is missing, lacks a leaf of the
+            gradients (matched by parameter path) or has a different shape there. A
+            reference gradient over more parameters than the gradients is accepted and
+            read at their paths only: inside ``clax.params.train_only(tx, mask)`` the
+            transform sees only the trainable leaves, and ``⟨g, g_ref⟩``,
+            ``⟨g_ref, g_ref⟩`` and the projection are over those.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -104,6 +126,7 @@ def agem() -> optax.GradientTransformationExtraArgs:
                 "memory sample, shaped like the gradients): tx.update(g, s, p, "
                 "reference_grads=g_ref)"
             )
+        reference_grads = _select(reference_grads, updates)
         check_same_shapes("reference_grads", reference_grads, "the gradients", updates)
         projected, dot = agem_project(updates, reference_grads)
         return projected, AGEMState(

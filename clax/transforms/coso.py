@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import optax
 
 from clax._validation import check_positive_int, check_real
-from clax.params.paths import path_str
+from clax.params.paths import (
+    align_to,
+    is_masked,
+    leaves_by_path,
+    masked_paths,
+    path_str,
+    plain_path,
+    strip_variables,
+)
 from clax.subspace.basis import SubspaceBasis, check_threshold, empty_basis
 from clax.subspace.frequent_directions import (
     FrequentDirections,
@@ -75,8 +83,15 @@ def coso_mask(params: PyTree, mask: MaskOrFn = None) -> PyTree:
     pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
     try:
         flags = treedef.flatten_up_to(resolved)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"coso mask must be a tree of bools shaped like the params: {e}") from e
+    except (ValueError, TypeError):
+        # Matched by path: a pure-dict mask against the nnx.State of nnx.Optimizer, or a
+        # mask over every parameter against the trainable part train_only hands over.
+        try:
+            flags = treedef.flatten_up_to(align_to(
+                resolved, params, ("the coso mask", "the params"), check_shapes=False))
+        except ValueError as e:
+            raise ValueError("coso mask must be a tree of bools shaped like the params "
+                             f"(matched by parameter path): {e}") from e
     for (path, p), flag in zip(pairs, flags, strict=False):
         if not isinstance(flag, (bool, jnp.bool_)) and not (
             hasattr(flag, "dtype") and flag.shape == () and flag.dtype == bool
@@ -122,11 +137,26 @@ def coso_bases(params: PyTree, *, mask: MaskOrFn = None, capacity: int | None = 
     return jax.tree.map(make, params, flags)
 
 
-def _per_leaf(treedef, tree: PyTree, what: str) -> list:
+def _entry(x) -> bool:
+    """The per-leaf entries of CoSO's trees: ``None`` (not a CoSO leaf), a basis, a sketch."""
+    return x is None or isinstance(x, (SubspaceBasis, FrequentDirections))
+
+
+def _per_leaf(treedef, updates: PyTree, tree: PyTree, what: str) -> list:
+    """`tree`'s entry at each leaf of the updates, matched by parameter path.
+
+    A pure dict fits the ``nnx.State`` that ``nnx.Optimizer`` passes, and a tree over every
+    parameter (the method's bases) fits the updates of only the trainable ones (inside
+    ``clax.params.train_only`` / ``optax.partition``: ``optax.MaskedNode`` at the frozen
+    leaves, which pass through). Every leaf of the updates needs an entry.
+    """
     try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"coso: {what} must be a tree shaped like the gradients: {e}") from e
+        aligned = align_to(tree, updates, (what, "the gradients"), check_shapes=False,
+                           extra="drop", is_leaf=_entry)
+    except ValueError as e:
+        raise ValueError(f"coso: {what} must be a tree shaped like the gradients "
+                         f"(matched by parameter path): {e}") from e
+    return treedef.flatten_up_to(aligned)
 
 
 def _check_basis(path, basis, shape) -> None:
@@ -266,7 +296,13 @@ def coso(
         An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the keyword
         extra arg ``bases``: a tree shaped like the params with a
         :class:`~clax.subspace.basis.SubspaceBasis` ``(out, capacity)`` at every CoSO leaf
-        and ``None`` elsewhere (see :func:`coso_bases`).
+        and ``None`` elsewhere (see :func:`coso_bases`). The bases (and a static ``mask``)
+        are matched to the gradients by parameter path: pure dicts fit the ``nnx.State``
+        of ``nnx.Optimizer``, and bases over every parameter fit the trainable part that
+        ``clax.params.train_only(tx, mask)`` (``optax.partition``) hands the transform
+        (``optax.MaskedNode`` at the frozen leaves, which pass through; their bases are
+        neither read nor, in :func:`coso_task_end`, grown). Every gradient leaf needs an
+        entry (a basis or ``None``).
 
     Raises:
         TypeError: On a hyperparameter of the wrong type (e.g. a float ``proj_rank``); at
@@ -304,6 +340,11 @@ def coso(
         return jax.tree.map(proxy, tree, flags)
 
     def init_fn(params: PyTree) -> CoSOState:
+        # nnx.Optimizer initialises with an nnx.State of nnx.Param: build the state from
+        # the arrays (as its updates come), not inside the Param wrappers, where a sketch
+        # (a NamedTuple) would be one wrapped value that nnx.update turns into an nnx.State.
+        # (The projectors and low-rank moments do not have the parameters' shapes either.)
+        params = strip_variables(params)
         flags = coso_mask(params, mask)
 
         def projector(p, flag):
@@ -339,9 +380,9 @@ def coso(
         flags = coso_mask(updates, mask)
         pairs, treedef = jax.tree_util.tree_flatten_with_path(updates)
         flag_list = treedef.flatten_up_to(flags)
-        basis_list = _per_leaf(treedef, bases, "bases")
-        proj_list = _per_leaf(treedef, state.projectors, "state.projectors")
-        sketch_list = _per_leaf(treedef, state.sketches, "state.sketches")
+        basis_list = _per_leaf(treedef, updates, bases, "bases")
+        proj_list = _per_leaf(treedef, updates, state.projectors, "state.projectors")
+        sketch_list = _per_leaf(treedef, updates, state.sketches, "state.sketches")
         count = state.count
         refresh = count % update_interval == 0
 
@@ -481,13 +522,18 @@ def coso_task_end(
         ``(new_bases, new_state)``, same structures, shapes and dtypes.
     """
     check_threshold(threshold)
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(
-        bases, is_leaf=lambda x: x is None or isinstance(x, SubspaceBasis))
-    sketches = treedef.flatten_up_to(state.sketches)
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(bases, is_leaf=_entry)
+    # By path: the bases may cover more parameters than the state (kept over every
+    # parameter while the transform, inside train_only / optax.partition, saw only the
+    # trainable ones). A basis whose leaf the state masks out (optax.MaskedNode: a frozen
+    # leaf, which got no gradient) is kept as it is.
+    sketches = leaves_by_path(state.sketches, is_leaf=_entry)
+    masked = frozenset(path_str(m) for m in masked_paths(state.sketches))
     merged = []
-    for (path, basis), sketch in zip(pairs, sketches, strict=False):
-        if basis is None:
-            merged.append(None)
+    for path, basis in pairs:
+        sketch = sketches.get(plain_path(path))
+        if basis is None or (sketch is None and is_masked(plain_path(path), masked)):
+            merged.append(basis)
             continue
         if not isinstance(sketch, FrequentDirections):
             raise TypeError(f"coso_task_end: no sketch in the state for {path_str(path)!r}")

@@ -59,7 +59,7 @@ def ema_balancing(
 
     Fixed (``adaptive=False``)::
 
-        θ* ← decay·θ* + (1 − decay)·θ_t
+        θ* ← decay·θ* + (1 − decay)·θ_t      (computed as θ* + (1 − decay)·(θ_t − θ*))
 
     Adaptive (``adaptive=True``), per tensor, following the CoIN code (Qiao et al., "Large
     Continual Instruction Assistant", ICML 2025; ``CoIN/peft/tuners/lora.py::ema_update``),
@@ -67,7 +67,7 @@ def ema_balancing(
 
         a = ‖θ_t − θ*_{t−1}‖₁,   b = ‖g_t‖₁,   c = ‖g_t − g_{t−1}‖₁
         α = 2·(1 + b) / (a·c);   if not (0 < α < 1) (also NaN, inf from a·c = 0): α = fallback_rate
-        θ* ← (1 − α)·θ* + α·θ_t
+        θ* ← (1 − α)·θ* + α·θ_t              (computed as θ* + α·(θ_t − θ*))
 
     The code differs from the paper and this follows the code: the paper's
     ``β_t = (L'(θ_t) + 1) / ((θ_t − θ*_{t−1})·L''(θ_t))`` has no factor 2, and ``c`` is a
@@ -91,6 +91,11 @@ def ema_balancing(
     change the applied update but not ``θ_t`` as computed here, so keep the wrapper last
     (outermost), as ``clax.training.Method.wrapper`` does, if ``θ*`` must track the real
     parameters.
+
+    Both are evaluated as ``θ* + rate·(θ_t − θ*)``, so a parameter that stays constant (a
+    frozen one, where the wrapper sees the full tree) keeps ``θ* = θ`` bit for bit. Inside
+    ``clax.params.train_only(tx, mask)`` (``optax.partition``) the wrapper sees only the
+    trainable leaves and ``θ*`` holds ``optax.MaskedNode`` at the frozen ones.
 
     Read ``θ*`` with :func:`ema_params`; at the end of a task CoIN replaces the model's
     parameters by it (and evaluates the EMA weights).
@@ -152,10 +157,10 @@ def ema_balancing(
             prev_grads = ()
 
         def move(theta, ema, alpha):
-            if adaptive:
-                moved = (1.0 - alpha) * ema + alpha * theta
-            else:
-                moved = decay * ema + (1.0 - decay) * theta
+            # θ* + α(θ − θ*) = (1 − α)θ* + αθ, written so that a parameter that does not
+            # move (a frozen one) keeps its EMA exactly: θ − θ* = 0 adds an exact 0.
+            rate = alpha if adaptive else 1.0 - decay
+            moved = ema + rate * (theta - ema)
             # Exactly θ_1 at the first step (CoIN's first-step update is a no-op on θ* = θ_1).
             return jnp.where(first, theta, moved).astype(ema.dtype)
 

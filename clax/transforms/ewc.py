@@ -113,10 +113,15 @@ def check_anchor_not_params(anchor: PyTree, params: PyTree) -> None:
 def _penalty_update(lam: float, fisher: PyTree | None, anchor: PyTree, updates: PyTree,
                     params: PyTree) -> PyTree:
     # Every tree is read by path in the structure of the updates: pure dicts and the
-    # nnx.State that nnx.Optimizer passes (or nnx.Param-wrapped leaves) mix freely.
+    # nnx.State that nnx.Optimizer passes (or nnx.Param-wrapped leaves) mix freely. The
+    # Fisher and anchor may cover more parameters than the updates (memory over every
+    # parameter, inside train_only / optax.partition, which hands this transform only the
+    # trainable leaves and an optax.MaskedNode at each frozen one): the leaves of the
+    # updates are selected by path, the masked ones pass through untouched. Every update
+    # leaf still needs its Fisher and anchor entry.
     check_anchor_not_params(anchor, params)
-    params = align_to(params, updates, names=("params", "the updates"))
-    anchor = align_to(anchor, params, names=("anchor", "params"))
+    params = align_to(params, updates, names=("params", "the updates"), extra="drop")
+    anchor = align_to(anchor, params, names=("anchor", "params"), extra="drop")
     if fisher is None or _is_scalar(fisher):
         concrete = fisher is not None and not isinstance(fisher, jax.core.Tracer)
         if concrete and not (float(fisher) >= 0 and math.isfinite(float(fisher))):
@@ -127,7 +132,7 @@ def _penalty_update(lam: float, fisher: PyTree | None, anchor: PyTree, updates: 
             return (u + (scale * (p - a)).astype(u.dtype)).astype(u.dtype)
 
         return jax.tree.map(add, updates, params, anchor)
-    fisher = align_to(fisher, params, names=("fisher", "params"))
+    fisher = align_to(fisher, params, names=("fisher", "params"), extra="drop")
     check_fisher(fisher, params)
 
     def add_f(u, p, f, a):
@@ -156,13 +161,18 @@ def ewc_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
         Trees are matched by parameter path, so pure dicts, ``nnx.State`` (as
         ``nnx.Optimizer`` passes params and updates) and ``nnx.Param``-wrapped leaves
         mix: ``optimizer.update(model, grads, fisher=F, anchor=theta_star)`` works with
-        ``F``, ``theta_star`` pure dicts (e.g. an :class:`EWCMemory`'s fields).
+        ``F``, ``theta_star`` pure dicts (e.g. an :class:`EWCMemory`'s fields). ``fisher``
+        and ``anchor`` may cover more parameters than the updates: inside
+        ``clax.params.train_only(tx, mask)`` (``optax.partition``) the transform sees only
+        the trainable leaves, and the penalty is ``λ·F⊙(θ − θ*)`` on those, read from a
+        memory kept over every parameter (the frozen leaves, ``optax.MaskedNode`` there,
+        pass through and get the partition's zero update).
 
     Raises:
         TypeError: On a non-number ``λ``.
         ValueError: On ``λ < 0``; at update time, when ``params`` is None, ``fisher`` or
-            ``anchor`` is missing or has a path or shape params lacks (naming the leaf
-            path), ``anchor`` *is* the parameters (``anchor=nnx.state(model,
+            ``anchor`` is missing, lacks a path of the updates or has a different shape
+            there (naming the leaf path), ``anchor`` *is* the parameters (``anchor=nnx.state(model,
             nnx.Param)``, the live state: pass a copy,
             ``jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))``), or
             a concrete ``fisher`` has a negative or non-finite entry (naming the leaf
@@ -208,7 +218,9 @@ def l2_penalty(*, lam: float) -> optax.GradientTransformationExtraArgs:
     Raises:
         TypeError: On a non-number ``λ``.
         ValueError: On ``λ < 0``; at update time, on missing params/anchor, an anchor
-            whose paths or shapes differ from params (naming the leaf path), or an anchor
+            lacking a path of the updates or with a different shape there (naming the
+            leaf path; extra paths, e.g. frozen leaves under ``train_only``, are
+            ignored), or an anchor
             that is the parameters themselves (naming ``anchor``).
     """
     lam = _check_lam(lam)
@@ -231,8 +243,9 @@ def ewc_penalty_value(params: PyTree, fisher: PyTree, anchor: PyTree, *, lam: fl
                       ) -> jax.Array:
     """``(λ/2)·Σ F⊙(θ − θ*)²``, the penalty whose gradient :func:`ewc_penalty` adds."""
     lam = _check_lam(lam)
-    fisher = align_to(fisher, params, names=("fisher", "params"))
-    anchor = align_to(anchor, params, names=("anchor", "params"))
+    # Over the leaves of `params` (a Fisher and anchor over more parameters are selected).
+    fisher = align_to(fisher, params, names=("fisher", "params"), extra="drop")
+    anchor = align_to(anchor, params, names=("anchor", "params"), extra="drop")
     terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p - a)), params, fisher, anchor)
     return 0.5 * lam * sum(jax.tree.leaves(terms))
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from clax._validation import check_choice, check_positive_int
-from clax.params.paths import align_to, path_str, plain_path
+from clax.params.paths import align_to, is_masked, masked_paths, path_str, plain_path
 from clax.subspace.basis import SubspaceBasis
 from clax.typing import PyTree
 from kernels.projection import project_out_fused
@@ -166,6 +166,13 @@ def subspace_projection(
     may be pure dicts while the params and updates are the ``nnx.State`` that
     ``nnx.Optimizer`` passes (``optimizer.update(model, grads, bases=memory)``).
 
+    Parameter-efficient training. Inside ``clax.params.train_only(tx, mask)``
+    (``optax.partition``) the transform sees only the trainable leaves, the frozen ones as
+    ``optax.MaskedNode``: bases kept for every kernel (:func:`clax.methods.gpm.gpm_memory`
+    over the full params) then project the trainable kernels, and the bases at masked
+    leaves are ignored (those leaves pass through and get the partition's zero update).
+    A basis at any other path that is not a leaf of the updates is an error.
+
     Freezing (GPM's 1-D rule). With ``freeze_mask`` (a static pytree of bools like the
     params, or a callable ``params -> mask``, e.g. :func:`one_dimensional`), the selected
     leaves are set to zero while the ``freeze`` extra arg is true. By default ``freeze`` is
@@ -193,7 +200,8 @@ def subspace_projection(
     Raises:
         TypeError: On a non-int ``rank_buckets``.
         ValueError: On ``rank_buckets < 1``; at update time, if ``bases`` is missing,
-            names a path that is not a leaf of the updates, or has a basis whose dimension
+            names a path that is neither a leaf of the updates nor masked out in them
+            (``optax.MaskedNode``), or has a basis whose dimension
             does not fit its leaf (the path and both shapes are named).
 
     Examples:
@@ -231,7 +239,11 @@ def subspace_projection(
         by_path = bases_by_path(bases)
         pairs, treedef = jax.tree_util.tree_flatten_with_path(updates)
         names = [path_str(p) for p, _ in pairs]
-        unknown = sorted(set(by_path) - set(names))
+        # Inside train_only / optax.partition the updates hold only the trainable leaves
+        # (an optax.MaskedNode at each frozen one): the bases of frozen leaves are skipped.
+        masked = frozenset(path_str(m) for m in masked_paths(updates))
+        unknown = sorted(name for name in set(by_path) - set(names)
+                         if not is_masked(name, masked))
         if unknown:
             raise ValueError(
                 f"bases has a basis for {unknown[0]!r}, which is not a leaf of the updates; "

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from clax.core import (
     Batch,
@@ -16,6 +17,8 @@ from clax.core import (
 )
 from clax.methods.gpm import gpm, gpm_memory, gpm_update_memory
 from clax.models import make_model
+from clax.models.peft import add_lora, peft_mask
+from clax.params import train_only
 from clax.params.paths import path_str
 from clax.subspace import SubspaceBasis, orthonormality_error
 from clax.training import StepFns, data_mesh
@@ -172,3 +175,50 @@ def test_update_memory_is_the_consolidate_hook_and_takes_a_module():
         gpm_update_memory(fns, plain, data.x, task_index=1)
     with pytest.raises(ValueError, match="task_index must be a non-negative int"):
         gpm_update_memory(model, plain, data.x, task_index=-1)
+
+
+def test_lora_training_inside_train_only_projects_the_adapter_kernels():
+    """Outer composition train_only(gpm.optimizer(sgd), peft_mask): the bases (memory over
+    every kernel, frozen base kernels included) project the LoRA factors' and the head's
+    updates in task 1; the frozen kernels' bases are not used and the base stays put."""
+    scenario = tiny_scenario("permuted")
+    model = make_model("mlp", input_shape=scenario.input_shape, num_classes=4, widths=(8,),
+                       seed=0)
+    add_lora(model, rank=2, targets=r"layers/\d+", rngs=nnx.Rngs(1))
+    fns, params, model_state = ModelFns.split(model)
+    mask = peft_mask(params, train=("^head/",))
+    method = make_method("gpm", num_samples=512)
+    tx = train_only(method.optimizer(optax.sgd(0.1)), mask)
+    steps = StepFns(fns, method, tx, data_mesh(1))
+    state = steps.init_state(params, model_state, 0)
+
+    def train(state, t):
+        data = current_task_data(scenario.tasks, t)
+        idx = epoch_index_batches(len(data.y), 32, seed=0, task_index=t, epoch=0)
+        state, _ = steps.run_chunk(state, steps.replicate(Batch(data.x, data.y, data.task_ids)),
+                                   idx, t)
+        return state, data
+
+    state, data0 = train(state, 0)
+    ctx = BoundaryContext(task_index=0, tasks=scenario.tasks, train=data0, model=fns,
+                          objective=steps.objective, rng=jax.random.key(0))
+    state = method.consolidate(state, ctx)
+    bases = jax.tree.map(np.asarray, bases_of(state.memory))
+    assert set(bases) == {"layers/0/base/kernel", "layers/0/lora_a/kernel",
+                          "layers/0/lora_b/kernel", "head/kernel"}
+    before = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+        state.params)}
+    state, _ = train(state, 1)
+    after = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+        state.params)}
+    flags = {path_str(p): f for p, f in jax.tree_util.tree_leaves_with_path(mask)}
+    for name in before:
+        delta = after[name] - before[name]
+        if not flags[name]:
+            assert before[name].tobytes() == after[name].tobytes(), f"{name} moved"
+        elif name in bases:
+            b = bases[name]
+            assert int(b.rank) > 0 and np.abs(delta).max() > 1e-4, f"{name} did not train"
+            assert np.abs(b.vectors.T @ delta).max() < 1e-4, f"{name} left the complement"
+        else:  # the head's bias: 1-D, frozen by GPM after task 0
+            np.testing.assert_array_equal(delta, 0.0)

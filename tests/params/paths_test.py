@@ -18,7 +18,13 @@ from clax.params import (
     path_str,
     plain_path,
 )
-from clax.params.paths import align_to, check_same_paths, pure_tree
+from clax.params.paths import (
+    align_to,
+    check_same_paths,
+    is_masked,
+    masked_paths,
+    pure_tree,
+)
 
 # Small configurations of the four model families (shapes only; no real initialisers).
 MODEL_SPECS = {
@@ -329,3 +335,50 @@ def test_align_to_matches_by_path_across_containers():
     assert jax.tree.structure(pure_tree((state, [nnx.state(_tiny_model())]))) == \
         jax.tree.structure(pure_tree((nnx.to_pure_dict(state),
                                       [nnx.to_pure_dict(nnx.state(_tiny_model()))])))
+
+
+def test_align_to_selects_the_unmasked_part_of_a_partitioned_tree():
+    # What optax.partition / train_only hand a transform: MaskedNode at the frozen leaves.
+    full = {"base": {"kernel": np.ones((2, 3)), "bias": np.ones(3)}, "lora": np.zeros(4)}
+    masked = {"base": {"kernel": optax.MaskedNode(), "bias": optax.MaskedNode()},
+              "lora": np.ones(4)}
+    assert masked_paths(masked) == [("base", "bias"), ("base", "kernel")]
+    assert is_masked(("base", "kernel"), masked_paths(masked))
+    assert is_masked("base/kernel", [("base",)]) and not is_masked("based/x", [("base",)])
+    assert not is_masked(("lora",), masked_paths(masked))
+    aligned = align_to(full, masked, ("memory", "updates"))
+    assert jax.tree.structure(aligned) == jax.tree.structure(masked)
+    assert aligned["lora"] is full["lora"]
+    assert isinstance(aligned["base"]["kernel"], optax.MaskedNode)
+    # Outside the masked part an extra path is still an error, unless extra="drop".
+    extra = {**full, "other": np.ones(1)}
+    with pytest.raises(ValueError, match="path 'other' is in memory but not in updates"):
+        align_to(extra, masked, ("memory", "updates"))
+    assert align_to(extra, masked, ("memory", "updates"), extra="drop")["lora"] is full["lora"]
+    # A leaf of the reference that the tree lacks is always an error...
+    with pytest.raises(ValueError, match="path 'lora' is in updates but not in memory"):
+        align_to({"base": full["base"]}, masked, ("memory", "updates"), extra="drop")
+    # ... as is a shape difference where they match.
+    with pytest.raises(ValueError, match=r"differ at path 'lora': shape \(4,\) vs \(5,\)"):
+        align_to({"lora": np.ones(5)}, masked, ("memory", "updates"))
+
+
+def test_align_to_fills_masked_leaves_from_the_reference():
+    # A masked transform's state overlaid on the full params: frozen leaves are kept.
+    params = {"base": np.arange(3.0), "lora": np.zeros(2)}
+    state = {"base": optax.MaskedNode(), "lora": np.ones(2)}
+    out = align_to(state, params, ("state", "params"), missing="masked")
+    assert out["base"] is params["base"] and out["lora"] is state["lora"]
+    # Only masked leaves are filled; another missing leaf is an error.
+    with pytest.raises(ValueError, match="path 'base' is in params but not in state"):
+        align_to({"lora": np.ones(2)}, params, ("state", "params"), missing="masked")
+    with pytest.raises(ValueError, match="extra must be one of"):
+        align_to(state, params, extra="ignore")
+
+
+def test_align_to_keeps_entries_given_as_leaves():
+    none_or_tuple = {"a": None, "b": (np.ones(2), np.ones(1))}
+    like = {"a": np.ones(2), "b": np.ones(3)}
+    out = align_to(none_or_tuple, like, check_shapes=False,
+                   is_leaf=lambda x: x is None or isinstance(x, tuple))
+    assert out["a"] is None and out["b"] is none_or_tuple["b"]

@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from clax.transforms import agem
+from clax.params import train_only
+from clax.transforms import agem, find_state
+from clax.transforms.agem import AGEMState
 
 
 def _tree(rng, scale=1.0):
@@ -78,3 +80,36 @@ def test_bad_reference_grads():
     with pytest.raises(ValueError, match=r"reference_grads differ in leaves 'w': shapes: "
                                          r"\(\d,\) != \(3,\)"):
         tx.update(g, tx.init(g), reference_grads={"w": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_inside_train_only_the_dot_products_use_the_trainable_leaves_only(seed):
+    # train_only hands agem only the trainable leaves; the reference gradient is over
+    # every parameter (as the agem method computes it) and is read at those paths.
+    rng = np.random.default_rng(seed)
+    g, r = _tree(rng), _tree(rng)
+    # A frozen leaf that agrees strongly with the reference: over the full tree the two
+    # gradients never conflict, so a dot product that included it would never project.
+    g["frozen"] = jnp.full((4,), 100.0)
+    r["frozen"] = jnp.full((4,), 100.0)
+    if seed % 2 == 0:  # make the trainable part conflict
+        r = {**r, "a": {"kernel": -g["a"]["kernel"]}, "b": -g["b"]}
+    mask = {"a": {"kernel": True}, "b": True, "frozen": False}
+    tx = train_only(agem(), mask)
+    u, state = jax.jit(tx.update)(g, tx.init(g), reference_grads=r)
+    trainable = lambda t: {"a": t["a"], "b": t["b"]}  # noqa: E731
+    fg, fr = _flat(trainable(g)), _flat(trainable(r))
+    np.testing.assert_allclose(_flat(trainable(u)), _reference(fg, fr), rtol=1e-5, atol=1e-6)
+    assert np.asarray(u["frozen"]).tobytes() == np.zeros(4, np.float32).tobytes()
+    last_dot = find_state(state, AGEMState).last_dot
+    np.testing.assert_allclose(float(last_dot), fg @ fr, rtol=1e-5, atol=1e-6)
+    if seed % 2 == 0:
+        assert fg @ fr < 0 and _flat(g) @ _flat(r) > 0  # projected on the trainable part
+
+
+def test_inside_train_only_a_trainable_leaf_without_reference_is_an_error():
+    g = {"w": jnp.ones(2), "frozen": jnp.ones(3)}
+    tx = train_only(agem(), {"w": True, "frozen": False})
+    with pytest.raises(ValueError, match="reference_grads must have the structure.*path 'w' "
+                                         "is in the gradients but not in reference_grads"):
+        tx.update(g, tx.init(g), reference_grads={"frozen": jnp.ones(3)})

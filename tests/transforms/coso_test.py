@@ -7,9 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from clax.models import make_model
+from clax.params import train_only
+from clax.params.paths import pure_tree
 from clax.subspace.basis import SubspaceBasis, empty_basis, orthonormality_error
 from clax.subspace.frequent_directions import sketch_covariance
+from clax.transforms import find_state
 from clax.transforms.coso import (
     CoSOState,
     coso,
@@ -258,3 +263,78 @@ def test_mask_and_errors():
         with pytest.raises(TypeError, match=msg):
             coso(**kwargs)
     assert isinstance(state, CoSOState)
+
+
+# ------------------------------------------------- nnx.Optimizer and train_only
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_through_nnx_optimizer_with_dict_bases_matches_optax_on_dicts(jit):
+    # nnx.Optimizer initialises with an nnx.State of nnx.Param and updates with an
+    # nnx.State of arrays; the bases (pure dicts) are matched by path. Reference: the same
+    # transform through plain optax on pure dicts, step for step.
+    model = make_model("mlp", input_shape=(2, 2, 1), num_classes=3, widths=(4,), seed=0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2, 2, 1)), jnp.float32)
+    y = jnp.arange(5) % 3
+
+    def loss(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    tx = optax.chain(coso(proj_rank=2, sketch_rank=3), optax.sgd(0.1))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    bases = coso_bases(params)
+    state = tx.init(params)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def step(model, optimizer, bases):
+        optimizer.update(model, nnx.grad(loss)(model), bases=bases)
+
+    step = nnx.jit(step) if jit else step
+    pure_loss = lambda p: loss(nnx.merge(nnx.graphdef(model), p))  # noqa: E731
+    for _ in range(3):
+        grads = jax.grad(pure_loss)(params)
+        updates, state = tx.update(grads, state, params, bases=bases)
+        params = optax.apply_updates(params, updates)
+        step(model, optimizer, bases)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 nnx.to_pure_dict(nnx.state(model, nnx.Param)), params)
+    # The task end reads the optimizer's state too.
+    new_bases, _ = coso_task_end(bases, pure_tree(optimizer.opt_state)[0], threshold=0.9)
+    want, _ = coso_task_end(bases, state[0], threshold=0.9)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 new_bases, want)
+
+
+def test_inside_train_only_uses_full_bases_for_the_trainable_weights():
+    # Bases over every weight (as the coso method's memory); train_only hands coso only
+    # the trainable ones. The frozen weight gets an exact zero update and its basis is
+    # neither read nor grown at the task end.
+    m, n = 6, 4
+    params = {"lora": jnp.zeros((m, n)), "base": jnp.zeros((m, n)), "b": jnp.zeros((n,))}
+    mask = {"lora": True, "base": False, "b": True}
+    q = _orthonormal(n, 1, 3)
+    bases = coso_bases(params)
+    bases["lora"] = _basis(q, n)
+    bases["base"] = _basis(_orthonormal(n, 2, 4), n)
+    tx = train_only(coso(proj_rank=2, sketch_rank=3, rank_rtol=0.0), mask)
+    plain = coso(proj_rank=2, sketch_rank=3, rank_rtol=0.0)
+    sub = {"lora": params["lora"], "b": params["b"]}
+    sub_bases = {"lora": bases["lora"], "b": None}
+    state, plain_state = tx.init(params), plain.init(sub)
+    update = jax.jit(tx.update)
+    for g in _grads(5, 3, (m, n)):
+        grads = {"lora": jnp.asarray(g), "base": jnp.asarray(g) + 1.0, "b": jnp.asarray(g[0])}
+        out, state = update(grads, state, params, bases=bases)
+        want, plain_state = plain.update({"lora": grads["lora"], "b": grads["b"]},
+                                         plain_state, sub, bases=sub_bases)
+        np.testing.assert_allclose(out["lora"], want["lora"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["b"], want["b"], rtol=1e-5, atol=1e-6)
+        assert np.asarray(out["base"]).tobytes() == np.zeros((m, n), np.float32).tobytes()
+        # Orthogonal to the trainable weight's history, on the output side.
+        assert np.abs(np.asarray(out["lora"]) @ q).max() < 1e-5
+    inner = find_state(state, CoSOState)
+    new_bases, _ = jax.jit(coso_task_end)(bases, inner, threshold=0.9)
+    assert int(new_bases["lora"].rank) > 1  # grew from the task's sketch
+    jax.tree.map(np.testing.assert_array_equal, new_bases["base"], bases["base"])
+    with pytest.raises(ValueError, match="path 'lora' is in the gradients but not in bases"):
+        update(grads, state, params, bases={"base": bases["base"], "b": None})

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from clax.params import train_only
 from clax.transforms import EMABalancingState, ema_balancing, ema_params, find_state
 
 
@@ -281,6 +282,45 @@ def test_ema_params_found_inside_chains_and_errors():
     twice = optax.chain(ema_balancing(optax.sgd(0.1)), ema_balancing(optax.sgd(0.1)))
     with pytest.raises(ValueError, match="ambiguous"):
         ema_params(twice.init(params))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_constant_parameter_keeps_its_ema_exactly(adaptive, jit):
+    # The wrapper around a base optimizer that freezes a leaf (train_only inside): that
+    # leaf never moves, so its EMA must stay bit-identical to it (swapping the EMA in at a
+    # task end must not move a frozen parameter). decay·θ + (1 − decay)·θ is not always θ
+    # in float32; θ* + (1 − decay)·(θ − θ*) is.
+    p = np.random.default_rng(0).normal(size=64).astype(np.float32)
+    assert (np.float32(0.99) * p + np.float32(0.01) * p != p).any()  # the values matter
+    params = {"w": jnp.zeros(3), "frozen": jnp.asarray(p)}
+    tx = ema_balancing(train_only(optax.adam(0.1), {"w": True, "frozen": False}),
+                       decay=0.99, adaptive=adaptive)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(params)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                             params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert np.asarray(params["frozen"]).tobytes() == p.tobytes()
+    assert np.asarray(ema_params(state)["frozen"]).tobytes() == p.tobytes()
+    assert not np.array_equal(ema_params(state)["w"], params["w"])  # the EMA lags
+
+
+def test_inside_train_only_tracks_the_trainable_leaves_only():
+    # train_only around the wrapper: the EMA holds the trainable leaves (MaskedNode at the
+    # frozen ones) and equals the EMA of those leaves alone.
+    params = {"w": jnp.array([1.0, -1.0]), "frozen": jnp.array([3.0])}
+    grads = [{"w": jnp.array([g, -g]), "frozen": jnp.array([5.0])} for g in (1.0, 0.5, -2.0)]
+    steps = _run(train_only(ema_balancing(optax.sgd(0.5), decay=0.8),
+                            {"w": True, "frozen": False}), params, grads)
+    ema = ema_params(steps[-1][1])
+    assert isinstance(ema["frozen"], optax.MaskedNode)
+    thetas = [np.asarray(p["w"], np.float64) for _, _, p in steps]
+    np.testing.assert_allclose(ema["w"], np_fixed_ema(thetas, 0.8)[-1], rtol=1e-6)
+    np.testing.assert_array_equal(steps[-1][2]["frozen"], params["frozen"])
 
 
 def test_preserves_low_precision_dtypes():

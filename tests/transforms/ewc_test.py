@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from clax.models import make_model
+from clax.params import train_only
 from clax.transforms import (
     consolidate_ewc,
     ewc_penalty,
@@ -228,3 +229,46 @@ def test_memory_of_an_nnx_state_is_pure_dicts():
     fisher = jax.tree.map(jnp.ones_like, state)  # an nnx.State Fisher
     new = consolidate_ewc(memory, fisher, state)
     assert isinstance(new.fisher, dict) and int(new.count) == 1
+
+
+# ------------------------------------------------- train_only (parameter-efficient training)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inside_train_only_penalises_the_trainable_leaf_only(jit):
+    # train_only hands ewc_penalty only the trainable leaf (MaskedNode at the frozen one);
+    # the Fisher and anchor stay full-tree memory and are read at the trainable path.
+    params = {"lora": jnp.array([1.0, -2.0, 0.5]), "base": jnp.array([[3.0, 4.0]])}
+    grads = {"lora": jnp.array([0.1, 0.2, -0.3]), "base": jnp.array([[5.0, -6.0]])}
+    fisher = {"lora": jnp.array([2.0, 0.5, 1.0]), "base": jnp.array([[7.0, 8.0]])}
+    anchor = {"lora": jnp.array([0.0, -1.0, 1.5]), "base": jnp.array([[-3.0, 0.0]])}
+    mask = {"lora": True, "base": False}
+    lam = 0.75
+    tx = train_only(ewc_penalty(lam=lam), mask)
+
+    def update(g, p, f, a):
+        return tx.update(g, tx.init(p), p, fisher=f, anchor=a)[0]
+
+    out = (jax.jit(update) if jit else update)(grads, params, fisher, anchor)
+    g, f, p, a = (np.asarray(t["lora"], np.float64) for t in (grads, fisher, params, anchor))
+    np.testing.assert_allclose(out["lora"], g + lam * f * (p - a), rtol=1e-6)
+    assert np.asarray(out["base"]).tobytes() == np.zeros((1, 2), np.float32).tobytes()
+    # L2 (a scalar Fisher) the same way.
+    tx = train_only(l2_penalty(lam=lam), mask)
+    out = tx.update(grads, tx.init(params), params, anchor=anchor)[0]
+    np.testing.assert_allclose(out["lora"], g + lam * (p - a), rtol=1e-6)
+    np.testing.assert_array_equal(out["base"], 0.0)
+
+
+def test_inside_train_only_a_trainable_leaf_without_memory_is_an_error():
+    params = {"lora": jnp.ones(3), "base": jnp.ones(2)}
+    tx = train_only(ewc_penalty(lam=1.0), {"lora": True, "base": False})
+    only_base = {"base": jnp.ones(2)}
+    with pytest.raises(ValueError, match="path 'lora' is in params but not in anchor"):
+        tx.update(params, tx.init(params), params, fisher=1.0, anchor=only_base)
+    full = {"lora": jnp.ones(3), "base": jnp.ones(2)}
+    with pytest.raises(ValueError, match="path 'lora' is in params but not in fisher"):
+        tx.update(params, tx.init(params), params, fisher=only_base, anchor=full)
+    with pytest.raises(ValueError, match=r"differ at path 'lora': shape \(3,\) vs \(2,\)"):
+        tx.update(params, tx.init(params), params, fisher=1.0,
+                  anchor={"lora": jnp.ones(2), "base": jnp.ones(2)})

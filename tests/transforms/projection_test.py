@@ -9,6 +9,7 @@ from flax import nnx
 
 from clax.methods.gpm import gpm_memory
 from clax.models import make_model
+from clax.params import train_only
 from clax.subspace import SubspaceBasis, empty_basis
 from clax.transforms import one_dimensional, subspace_projection
 
@@ -205,3 +206,34 @@ def test_pallas_implementation_equals_xla():
     assert moved.max() > 1e-2  # the projection did something
     with pytest.raises(ValueError, match="implementation must be one of"):
         subspace_projection(implementation="triton")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inside_train_only_projects_trainable_kernels_and_ignores_frozen_bases(jit):
+    # train_only hands the projection only the trainable leaves (MaskedNode at the frozen
+    # ones). The bases cover every kernel, as gpm_memory over the full params builds them:
+    # the frozen kernel's basis (here one that would not even fit it) is ignored.
+    grads = tree(3)
+    bases = {"dense": {"kernel": random_basis(4, 6, 6, 3)},
+             "conv": {"kernel": empty_basis(5)}}  # n=5 does not fit (2, 2, 3, 4)
+    mask = {"dense": {"kernel": True, "bias": True}, "conv": {"kernel": False},
+            "head": {"kernel": True, "bias": False}}
+    tx = train_only(subspace_projection(freeze_mask=one_dimensional), mask)
+
+    def update(g, b):
+        return tx.update(g, tx.init(g), g, bases=b, freeze=False)[0]
+
+    out = (jax.jit(update) if jit else update)(grads, bases)
+    np.testing.assert_allclose(out["dense"]["kernel"],
+                               reference(grads["dense"]["kernel"], bases["dense"]["kernel"]),
+                               atol=ATOL)
+    np.testing.assert_array_equal(out["dense"]["bias"], grads["dense"]["bias"])
+    np.testing.assert_array_equal(out["head"]["kernel"], grads["head"]["kernel"])
+    for frozen in (out["conv"]["kernel"], out["head"]["bias"]):
+        assert np.asarray(frozen).tobytes() == np.zeros_like(frozen).tobytes()
+    # A basis at a path that is neither updated nor masked out is still an error.
+    with pytest.raises(ValueError, match="basis for 'nope/kernel', which is not a leaf"):
+        update(grads, {**bases, "nope": {"kernel": empty_basis(6)}})
+    # And a basis at a trainable kernel must still fit it.
+    with pytest.raises(ValueError, match=r"'dense/kernel'.*\(5, 5\).*\(6, 3\)"):
+        update(grads, {"dense": {"kernel": empty_basis(5)}})
