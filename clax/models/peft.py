@@ -19,18 +19,15 @@ leaves the wrapping to ``train_only``. Two places to put it::
     # around the base optimizer only: the method's transforms see every leaf
     tx = method.optimizer(train_only(optax.adam(1e-3), mask))
 
-The first is the lean one (no method state for the frozen base) and works for methods
-whose transforms hold no tree of their own over the parameters (finetune, joint, ER,
-DER++, replay-Reptile, ACIL / NCM / LDA, LiNeS, slow learner). Methods whose memory or
-wrapper state mirrors *all* parameters (GPM and CoSO bases, EWC / online EWC / L2 Fisher
-and anchor, A-GEM's reference gradient, the EMA / weight-averaging copies swapped in at
-task end) need the second: their transforms then run on the full tree and the frozen
-leaves still get a zero update from the base optimizer (``tests/training/contract_test.py``
-trains every registered method with the base frozen and lists the methods that need the
-second form, with the reason). In a loop
-of one's own, such memory can instead be built over the trainable group only
+The first is the one to use: every registered method's transforms then run over the
+adapter parameters only (EWC's penalty, GPM/CoSO projection with bases on the adapters'
+own inputs, A-GEM's dot products, the EMA swapped in at task end), their memory being
+matched to the trainable leaves by path (``tests/training/contract_test.py`` trains every
+registered method this way and checks the base stays bit-identical). The second also
+works; there the transforms see every leaf and the frozen ones get a zero update from the
+base optimizer. Memory can be built over the trainable group only
 (:func:`trainable_params`: ``gpm_memory(trainable_params(params, mask))``, an EWC Fisher
-and anchor restricted the same way), which fits the first form.
+and anchor restricted the same way) to save the work on the frozen base.
 
 **LoRA** (Hu et al., ICLR 2022). :func:`add_lora` replaces chosen ``nnx.Linear`` layers by
 :class:`LoRALinear`, which keeps the original layer as ``base`` (frozen by the mask and
