@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from clax._validation import check_choice, check_real
-from clax.params.paths import path_str
+from clax.params.paths import align_to, path_str
 from clax.typing import PyTree
 
 __all__ = [
@@ -43,6 +43,15 @@ class GeometricUnlearningState(NamedTuple):
 
 def _flat_paths(tree: PyTree) -> dict[str, Any]:
     return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _select_retain(retain: PyTree, forget: PyTree) -> PyTree:
+    try:
+        return align_to(retain, forget, ("retain_grads", "the forget gradients"),
+                        check_shapes=False, extra="drop")
+    except ValueError as e:
+        raise ValueError("retain_grads must have the tree structure of the forget gradients "
+                         f"(matched by parameter path): {e}") from None
 
 
 def _check_retain(forget: PyTree, retain: PyTree, *, stacked: bool) -> int:
@@ -231,6 +240,10 @@ def geometric_disentanglement(
                    if stacked else "mean retain gradient, shaped like the params")
                 + "): call tx.update(forget_grads, state, params, retain_grads=...)"
             )
+        # By path: retain gradients over every parameter fit the updates of the trainable
+        # ones only (inside clax.params.train_only / optax.partition), so the projection
+        # and its global inner products run over the trainable leaves.
+        retain_grads = _select_retain(retain_grads, updates)
         _check_retain(updates, retain_grads, stacked=stacked)
         forget = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
         retain = jax.tree.map(lambda g: g.astype(jnp.float32), retain_grads)

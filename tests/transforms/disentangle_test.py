@@ -165,11 +165,13 @@ def test_errors_name_the_argument_and_leaf():
     with pytest.raises(ValueError, match="missing keyword extra arg `retain_grads`"):
         tx.update(g, state, None)
     missing = {"dense": {"kernel": g["dense"]["kernel"]}, "scale": g["scale"]}
-    with pytest.raises(ValueError, match="missing leaf 'dense/bias'"):
+    with pytest.raises(ValueError, match="path 'dense/bias' is in the forget gradients but "
+                                         "not in retain_grads"):
         tx.update(g, state, None, retain_grads=missing)
+    # Retain gradients of parameters the update does not hold (frozen ones) are ignored.
     extra = {**g, "other": g["scale"]}
-    with pytest.raises(ValueError, match="unexpected leaf 'other'"):
-        tx.update(g, state, None, retain_grads=extra)
+    jax.tree.map(np.testing.assert_array_equal, tx.update(g, state, None, retain_grads=extra)[0],
+                 tx.update(g, state, None, retain_grads=g)[0])
     wrong = {**g, "scale": jnp.zeros((5,))}
     with pytest.raises(ValueError,
                        match=r"retain_grads at 'scale' has shape \(5,\); expected \(4,\)"):
@@ -188,3 +190,20 @@ def test_errors_name_the_argument_and_leaf():
                         ({"alpha": True}, "alpha must be a finite number")]:
         with pytest.raises(TypeError, match=msg):
             geometric_disentanglement(**kwargs)
+
+
+def test_inside_train_only_projects_over_the_trainable_leaves():
+    from clax.params import train_only
+
+    rng = np.random.default_rng(11)
+    g_f = {"a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+           "b": jnp.asarray(rng.standard_normal((5,)), jnp.float32)}
+    g_r = {"a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+           "b": jnp.asarray(rng.standard_normal((5,)), jnp.float32)}
+    tx = train_only(geometric_disentanglement(alpha=0.0), {"a": True, "b": False})
+    out, _ = tx.update(g_f, tx.init(g_f), g_f, retain_grads=g_r)
+    np.testing.assert_array_equal(out["b"], 0.0)  # frozen: exact zero
+    f, r = np.asarray(g_f["a"], np.float64), np.asarray(g_r["a"], np.float64)
+    expect = f - (f * r).sum() / (r * r).sum() * r  # rank-1 projection on the trainable leaf
+    np.testing.assert_allclose(out["a"], expect, rtol=1e-5, atol=1e-6)
+    assert abs(float((np.asarray(out["a"]) * r).sum())) < 1e-4
