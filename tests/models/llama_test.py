@@ -236,3 +236,16 @@ def test_bad_input_messages(tmp_path):
         load_llama_safetensors(tmp_path)
     with pytest.raises(ValueError, match="exceeds the model's max_len"):
         generate(model, [[1, 2, 3]], max_new_tokens=8, prompt_buckets=(4,))
+
+
+def test_bfloat16_checkpoint_loads_exactly(tmp_path):
+    # Real Llama / Qwen checkpoints are stored in bfloat16.
+    safetensors_flax = pytest.importorskip("safetensors.flax")
+    w = _checkpoint(tmp_path, tied=True, qkv_bias=False)
+    safetensors_flax.save_file({k: jnp.asarray(v, jnp.bfloat16) for k, v in w.items()},
+                               str(tmp_path / "model.safetensors"))
+    model = load_llama_safetensors(tmp_path, param_dtype="bfloat16")
+    got = model.layers[0].self_attn.q_proj.kernel[...]
+    assert got.dtype == jnp.bfloat16
+    want = jnp.asarray(w["model.layers.0.self_attn.q_proj.weight"], jnp.bfloat16).T
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
