@@ -173,7 +173,7 @@ def text_file_domains(
             raise ValueError(f"text file {path!r} gives {len(rows)} sequence(s) of seq_len="
                              f"{seq_len}; need at least 2 (one train, one test)")
         order = rng.permutation(len(rows))
-        n_test = max(1, int(round(test_fraction * len(rows))))
+        n_test = min(max(1, int(round(test_fraction * len(rows)))), len(rows) - 1)
         test, train = rows[order[:n_test]], rows[order[n_test:]]
         if max_train_per_task is not None:
             train = train[:max_train_per_task]

@@ -454,7 +454,10 @@ def gpm(
             (token / position embeddings, cls and prompt tokens: :func:`unprotected_mask`):
             ``"train"`` (GPM's behaviour; they are listed in a warning at the first
             consolidation, as they are unprotected) or ``"freeze"`` (zeroed from the
-            second task on, with the 1-D parameters).
+            second task on, with the 1-D parameters). The freezing zeroes the *gradient*
+            with ``project="gradient"``: with SGD the leaves stay fixed, but an optimizer
+            with momentum (Adam) still moves them by its stored moments; use
+            ``project="update"`` for an exact freeze with Adam.
         project: ``"gradient"`` (before the optimizer, as GPM) or ``"update"`` (after it).
         rank_buckets: Cost buckets of :func:`clax.transforms.subspace_projection`.
         implementation: ``"xla"`` or ``"pallas"`` (the fused projection kernel; see
@@ -496,8 +499,9 @@ def gpm(
             loose = unprotected_paths(state.params)
             if loose:
                 logging.warning(
-                    "gpm: %d tensor(s) are neither projected nor frozen, so old tasks can "
-                    "drift through them: %s%s; set unprojected='freeze' to freeze them",
+                    "gpm: %d tensor(s) are neither projected nor frozen by GPM, so old tasks "
+                    "can drift through them (unless frozen otherwise, e.g. by a peft mask): "
+                    "%s%s; set unprojected='freeze' to freeze them",
                     len(loose), ", ".join(loose[:4]), " ..." if len(loose) > 4 else "")
         return gpm_consolidate(
             state, ctx, threshold=threshold, layer_thresholds=layer_thresholds,

@@ -27,6 +27,15 @@ from clax.models.llama import KVCache, LlamaLM
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
+def _check_ids(ids: Any, vocab_size: int, what: str) -> None:
+    # Out-of-vocabulary ids would index past the embedding table (NaN logits in XLA).
+    flat = np.concatenate([np.asarray(row, np.int64).ravel() for row in ids]) if len(ids) \
+        else np.zeros(0, np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise ValueError(f"{what} hold token ids outside [0, {vocab_size}) (min {flat.min()}, "
+                         f"max {flat.max()}): use the model's own tokenizer")
+
+
 def _bucket(length: int, buckets: Sequence[int], what: str) -> int:
     for b in sorted(buckets):
         if b >= length:
@@ -108,11 +117,18 @@ def generate(model: LlamaLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if top_k < 0 or top_k > model.config.vocab_size:
         raise ValueError(f"top_k must be in [0, vocab_size={model.config.vocab_size}], got "
                          f"{top_k}")
+    if not prompt_buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                 for b in prompt_buckets):
+        raise ValueError(f"prompt_buckets must be a non-empty sequence of positive ints, got "
+                         f"{prompt_buckets!r}")
+    _check_ids(prompts, model.config.vocab_size, "prompts")
     longest = max(len(p) for p in prompts)
-    p = _bucket(longest, prompt_buckets, "a prompt")
-    if p + max_new_tokens > model.config.max_len:
-        raise ValueError(f"padded prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's max_len={model.config.max_len}")
+    room = model.config.max_len - max_new_tokens
+    if longest > room:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's max_len={model.config.max_len}")
+    # The bucket, capped by what fits (one more compiled shape at most).
+    p = min(_bucket(longest, tuple(prompt_buckets) + (room,), "a prompt"), room)
     tokens = np.full((len(prompts), p), pad_id, np.int32)
     mask = np.zeros((len(prompts), p), bool)
     for i, ids in enumerate(prompts):
@@ -197,6 +213,9 @@ def token_nll(model: LlamaLM, ids: Sequence[int] | np.ndarray, *, context: int =
     if context > model.config.max_len:
         raise ValueError(f"context={context} exceeds the model's max_len="
                          f"{model.config.max_len}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_ids([np.asarray(ids)], model.config.vocab_size, "ids")
     tokens, weights = token_windows(ids, context, pad_id=pad_id)
     n = len(tokens)
     pad = (-n) % batch_size

@@ -460,7 +460,8 @@ class LlamaLM(nnx.Module):
         if self.prompt is not None:
             p = self.prompt(b).astype(h.dtype)
             n_prompt = p.shape[1]
-            self._check_tokens(tokens, n_prompt)
+            # Prompt positions come first; RoPE has no table, so they do not count
+            # against max_len (which bounds the token sequence).
             h = jnp.concatenate([p, h], axis=1)
             real = jnp.concatenate([jnp.ones((b, n_prompt), bool), real], axis=1)
             positions = jnp.concatenate(

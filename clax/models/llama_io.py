@@ -246,11 +246,15 @@ def load_llama_gguf(path: str | os.PathLike[str] | GGUFFile | None = None, *,
     config = llama_config_from_gguf(f.metadata, f.tensor_names, max_len=max_len,
                                     dtype=dtype, param_dtype=param_dtype)
 
+    # llama.cpp permutes Q/K rows for its interleaved RoPE only for the `llama`
+    # architecture; qwen2 files keep the Hugging Face ("neox", rotate-half) layout.
+    permuted = f.metadata.get("general.architecture") == "llama"
+
     def get(name: str) -> np.ndarray:
         w = f.tensor(name)
-        if name.endswith(("attn_q.weight", "attn_q.bias")):
+        if permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_rotary(w, config.num_heads)
-        elif name.endswith(("attn_k.weight", "attn_k.bias")):
+        elif permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_rotary(w, config.num_kv_heads)
         # GGUF (and PyTorch) Linear weights are (out, in); Flax kernels are (in, out).
         return w.T if w.ndim == 2 and name != "token_embd.weight" else w
@@ -280,8 +284,12 @@ def llama_config_from_hf(hf: dict[str, Any], *, max_len: int | None = None,
         if k not in hf:
             raise ValueError(f"config.json is missing {k!r}")
     scaling = None
-    rs = hf.get("rope_scaling")
-    if rs:
+    # transformers >= 5 writes RoPE settings under "rope_parameters" (theta and scaling).
+    rp = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
+    rs = hf.get("rope_scaling") or (rp if rp.get("rope_type", rp.get("type", "default"))
+                                    != "default" else None)
+    if rs and rs.get("rope_type", rs.get("type")) != "default":
         kind = rs.get("rope_type", rs.get("type"))
         if kind != "llama3":
             raise ValueError(f"config.json rope_scaling type {kind!r} is not supported "
@@ -297,7 +305,7 @@ def llama_config_from_hf(hf: dict[str, Any], *, max_len: int | None = None,
         hidden_dim=int(hf["intermediate_size"]),
         head_dim=None if head_dim in (None, dim // heads) else int(head_dim),
         max_len=int(max_len or hf.get("max_position_embeddings", 2048)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
+        rope_theta=float(theta), rope_scaling=scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
@@ -328,7 +336,9 @@ def load_llama_safetensors(directory: str | os.PathLike[str], *,
     Args:
         directory: Holds ``config.json`` (unless ``config`` is given) and the safetensors
             file(s).
-        config: The configuration, overriding ``config.json``.
+        config: The configuration, overriding ``config.json`` (its own dtypes and
+            ``max_len`` are used; ``dtype``, ``param_dtype`` and ``max_len`` apply only to a
+            configuration read from ``config.json``).
         dtype, param_dtype: Compute and parameter dtypes.
         max_len: Longest sequence; ``max_position_embeddings`` when None.
 

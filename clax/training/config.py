@@ -62,7 +62,9 @@ def defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
     for name, default in params.items():
         if isinstance(default, list):
             default = tuple(default)
-        if default is not inspect.Parameter.empty and isinstance(default, _SIMPLE):
+        # A FieldReference is a typed placeholder (unset unless given on the command line).
+        if default is not inspect.Parameter.empty and isinstance(
+                default, (*_SIMPLE, ml_collections.FieldReference)):
             section[name] = default
     return ml_collections.ConfigDict(section)
 
@@ -96,9 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
     # stays bit-identical (`clax.params.train_only` around the whole optimizer chain).
     c.model.peft = ml_collections.ConfigDict({
         "lora_rank": 0, "lora_alpha": placeholder(float),
-        # re.fullmatch over '/'-joined module paths, e.g. r".*self_attn/(q_proj|v_proj)".
-        "lora_targets": r".*", "adapter_bottleneck": 0, "adapter_scale": 0.1,
-        "prompt_length": 0, "train": ()})
+        # re.fullmatch over '/'-joined module paths; the default is LoRA's classic choice,
+        # the query and value projections (LlamaLM q_proj/v_proj, ViTs query/value).
+        "lora_targets": r".*(q_proj|v_proj|query|value)",
+        "adapter_bottleneck": 0, "adapter_scale": 0.1, "prompt_length": 0, "train": ()})
     c.objective = ml_collections.ConfigDict({"name": "classification"})
     c.method = ml_collections.ConfigDict({"name": "finetune"})
     for name in registered_methods():
@@ -188,6 +191,8 @@ def _pretrained_model(config: ml_collections.ConfigDict, scenario, num_tasks: in
     if name == "llama":
         # Only numerics may change; shapes come from the checkpoint.
         fixed = sorted(set(options) - {"preset", "dtype", "param_dtype"})
+        if options.get("preset", "tiny") != "tiny":
+            fixed = ["preset"] + fixed
         if fixed:
             raise ValueError(f"config.model.llama.{fixed[0]} cannot change a pretrained model "
                              f"(config.model.pretrained={source!r}); only dtype and "
@@ -199,10 +204,12 @@ def _pretrained_model(config: ml_collections.ConfigDict, scenario, num_tasks: in
         if tokenizer.vocab_size > scenario.num_classes:
             raise ValueError(f"scenario {scenario.name!r} has {scenario.num_classes} token ids "
                              f"but the tokenizer of {source!r} has {tokenizer.vocab_size}")
-        if model.config.vocab_size != scenario.num_classes:
+        # A padded embedding (vocabulary larger than the tokenizer's) is fine.
+        if model.config.vocab_size < scenario.num_classes:
             raise ValueError(f"scenario {scenario.name!r} has num_classes="
-                             f"{scenario.num_classes}, but the pretrained model's vocabulary "
-                             f"is {model.config.vocab_size}; tokenize with its tokenizer")
+                             f"{scenario.num_classes}, more than the pretrained model's "
+                             f"vocabulary of {model.config.vocab_size}; tokenize with its "
+                             f"tokenizer")
         return model
     if name == "efficientnet_lite0":
         if source != "imagenet":
@@ -242,7 +249,7 @@ def _add_peft(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
                              targets=p.lora_targets, rngs=rngs)
     if p.adapter_bottleneck:
         clax_models.add_adapters(model, bottleneck=p.adapter_bottleneck, scale=p.adapter_scale,
-                                 rngs=rngs)
+                                 dim=getattr(model, "feature_dim", None), rngs=rngs)
     if p.prompt_length:
         clax_models.add_prompt(model, length=p.prompt_length, rngs=rngs)
 

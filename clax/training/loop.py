@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from clax import metrics as clax_metrics
+from clax import models as clax_models
 from clax.core import (
     Batch,
     BoundaryContext,
@@ -42,6 +43,7 @@ from clax.core import (
     example_spec,
     num_examples,
     primary_metric,
+    registered_methods,
 )
 from clax.data import Scenario
 from clax.params import train_only
@@ -179,7 +181,11 @@ def _affects_run(key: str, config: dict) -> bool:
     """
     parts = key.split(".")
     if len(parts) >= 2 and parts[0] in ("method", "model") and parts[1] != "name":
-        return parts[1] == config.get(parts[0], {}).get("name")
+        # Only the per-model / per-method subsections are skipped; model.peft,
+        # model.pretrained and model.multi_head always change the run.
+        names = clax_models.MODELS if parts[0] == "model" else registered_methods()
+        if parts[1] in names:
+            return parts[1] == config.get(parts[0], {}).get("name")
     return True
 
 

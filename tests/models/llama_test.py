@@ -249,3 +249,84 @@ def test_bfloat16_checkpoint_loads_exactly(tmp_path):
     assert got.dtype == jnp.bfloat16
     want = jnp.asarray(w["model.layers.0.self_attn.q_proj.weight"], jnp.bfloat16).T
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def _write_gguf(path, w, arch, *, permute):
+    """A tiny F32 GGUF as llama.cpp's converter writes it (Q/K rows permuted for llama)."""
+    gguf = pytest.importorskip("gguf")
+
+    def llama_cpp_permute(x, n_head):  # convert_hf_to_gguf.py's permute
+        return (x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:])
+                .swapaxes(1, 2).reshape(x.shape))
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_uint32(f"{arch}.embedding_length", SHAPES["dim"])
+    writer.add_uint32(f"{arch}.block_count", SHAPES["depth"])
+    writer.add_uint32(f"{arch}.attention.head_count", SHAPES["num_heads"])
+    writer.add_uint32(f"{arch}.attention.head_count_kv", SHAPES["num_kv_heads"])
+    writer.add_uint32(f"{arch}.feed_forward_length", SHAPES["hidden"])
+    writer.add_uint32(f"{arch}.context_length", 64)
+    writer.add_uint32(f"{arch}.vocab_size", SHAPES["vocab"])
+    writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, x in w.items():
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            mod, kind = rest.rsplit(".", 1)
+            out = f"blk.{i}.{block[mod]}.{kind}"
+            if permute and mod == "self_attn.q_proj":
+                x = llama_cpp_permute(x, SHAPES["num_heads"])
+            elif permute and mod == "self_attn.k_proj":
+                x = llama_cpp_permute(x, SHAPES["num_kv_heads"])
+        writer.add_tensor(out, np.ascontiguousarray(x, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch,qkv_bias", [("llama", False), ("qwen2", True)])
+def test_gguf_import_matches_numpy_forward(tmp_path, arch, qkv_bias):
+    # llama.cpp permutes Q/K for the llama architecture only (qwen2 keeps the HF layout).
+    from clax.models.llama_io import load_llama_gguf
+
+    w = random_hf_weights(np.random.default_rng(3), tied=True, qkv_bias=qkv_bias, **SHAPES)
+    _write_gguf(tmp_path / "m.gguf", w, arch, permute=arch == "llama")
+    model = load_llama_gguf(tmp_path / "m.gguf")
+    assert model.config.qkv_bias == qkv_bias
+    tokens = np.array([1, 5, 9, 2, 77, 3], np.int32)
+    got = np.asarray(_logits(model, jnp.asarray(tokens)[None]))[0]
+    np.testing.assert_allclose(got, _reference(w, tokens), atol=ATOL, rtol=0)
+
+
+def test_transformers_5_rope_parameters_are_read():
+    base = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 8}
+    cfg = llama_config_from_hf({**base, "rope_parameters": {"rope_theta": 5000.0,
+                                                            "rope_type": "default"}})
+    assert cfg.rope_theta == 5000.0 and cfg.rope_scaling is None
+    cfg = llama_config_from_hf({**base, "rope_parameters": {
+        "rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192)
+
+
+def test_generation_fits_the_bucket_to_max_len_and_checks_ids():
+    model = LlamaLM(config=LlamaConfig(max_len=16), rngs=nnx.Rngs(0))
+    assert len(generate(model, [[1, 2]], max_new_tokens=4)[0]) == 4  # bucket 16 capped to 12
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 256\)"):
+        generate(model, [[1, 300]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_buckets must be a non-empty"):
+        generate(model, [[1]], max_new_tokens=2, prompt_buckets=())
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        token_nll(model, np.arange(10), context=8, batch_size=0)
+    with pytest.raises(ValueError, match="token ids outside"):
+        token_nll(model, np.array([1, 2, -1]), context=8)

@@ -76,3 +76,35 @@ def test_bad_peft_and_pretrained_settings():
     config.model.pretrained = "smollm2-135m"
     with pytest.raises(ValueError, match="config.model.llama.depth cannot change a pretrained"):
         build_model(config, build_scenario(config))
+
+
+def test_prompt_and_adapters_on_llama_through_the_loop():
+    config = _lm_config(prompt_length=3, adapter_bottleneck=4)
+    config.scenario.num_tasks = 1
+    result = train_continual(config, keep_state=True)
+    assert np.isfinite(result.matrix).all()
+    assert "prompt" in result.state.params
+    assert "mlp_adapter" in result.state.params["layers"][0]
+
+
+def test_resume_refuses_changed_peft_settings(tmp_path):
+    config = _lm_config(lora_rank=2)
+    config.scenario.num_tasks = 1
+    train_continual(config, workdir=str(tmp_path))
+    changed = _lm_config(lora_rank=2, lora_alpha=8.0)
+    changed.scenario.num_tasks = 1
+    with pytest.raises(ValueError, match="model.peft.lora_alpha"):
+        train_continual(changed, workdir=str(tmp_path))
+
+
+def test_llama_overrides_are_config_keys_and_preset_is_checked_with_pretrained():
+    config = default_config()
+    assert "dtype" in config.model.llama and config.model.llama.dtype is None
+    config = _lm_config()
+    config.model.llama.unlock()
+    for key in ("dim", "num_heads", "num_kv_heads", "hidden_dim", "depth"):
+        config.model.llama[key] = None
+    config.model.llama.preset = "llama-3.2-1b"
+    config.model.pretrained = "smollm2-135m"
+    with pytest.raises(ValueError, match="config.model.llama.preset cannot change"):
+        build_model(config, build_scenario(config))
