@@ -424,8 +424,8 @@ def save_llama_safetensors(model: LlamaLM, directory: str | os.PathLike[str]) ->
                          f"prompts before saving")
     tensors = {}
     for path, name in names.items():
-        w = np.asarray(jax.device_get(flat[path]).astype(jnp.float32)
-                       if flat[path].dtype == jnp.bfloat16 else flat[path])
+        # Stored in the parameters' own dtype (bfloat16 via ml_dtypes, as HF checkpoints).
+        w = np.asarray(jax.device_get(flat[path]))
         tensors[name] = np.ascontiguousarray(
             w.T if w.ndim == 2 and path != "embed_tokens/embedding" else w)
     directory = os.fspath(directory)

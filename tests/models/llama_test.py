@@ -249,6 +249,15 @@ def test_bfloat16_checkpoint_loads_exactly(tmp_path):
     assert got.dtype == jnp.bfloat16
     want = jnp.asarray(w["model.layers.0.self_attn.q_proj.weight"], jnp.bfloat16).T
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # Saved back in bfloat16 (the file stays half the float32 size) and read back exactly.
+    out = tmp_path / "saved"
+    save_llama_safetensors(model, out)
+    with safetensors_flax.safe_open(str(out / "model.safetensors"), "flax") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == jnp.bfloat16
+    back = load_llama_safetensors(out)  # the caller picks the dtype: float32 by default
+    assert back.config.param_dtype == "float32"
+    np.testing.assert_array_equal(np.asarray(back.layers[0].self_attn.q_proj.kernel[...],
+                                             np.float32), np.asarray(got, np.float32))
 
 
 def _write_gguf(path, w, arch, *, permute):
