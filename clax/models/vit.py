@@ -1,14 +1,20 @@
-"""Tiny Vision Transformer for small images."""
+"""Vision Transformers: the ViT (B/16 layout, :func:`vit_b16`; pretrained weights through
+:mod:`clax.models.vit_pretrained`) and the tiny ViT for small images, built from the same
+pre-LN blocks."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clax._validation import check_bool, check_int, check_real
 from clax.models._checks import check_input_shape_arg, check_positive_int
 from clax.models.base import Classifier
 
@@ -89,8 +95,212 @@ class TransformerBlock(nnx.Module):
         return out
 
 
-class TinyViT(Classifier):
-    """Patch embedding (Conv, stride = patch), cls token, learned positions, pre-LN blocks.
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Hyperparameters of a :class:`ViT` (defaults: ViT-B/16 at 224x224, 1000 classes).
+
+    Attributes:
+        image_size: Side of the square input images; divisible by ``patch_size``.
+        patch_size: Side of the square patches.
+        in_channels: Image channels.
+        dim: Token width; divisible by ``num_heads``.
+        depth: Transformer blocks.
+        num_heads: Attention heads.
+        mlp_dim: Hidden width of the block MLPs.
+        norm_eps: LayerNorm epsilon (timm 1e-6, Hugging Face 1e-12).
+        num_classes: Logits of the head.
+        approximate_gelu: tanh GELU instead of the exact erf GELU of timm / HF ViTs.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    norm_eps: float = 1e-6
+    num_classes: int = 1000
+    approximate_gelu: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "num_heads",
+                     "mlp_dim", "num_classes"):
+            check_positive_int(name, getattr(self, name))
+        check_real("norm_eps", self.norm_eps, 0.0, math.inf, low_open=True, high_open=True)
+        check_bool("approximate_gelu", self.approximate_gelu)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size "
+                             f"({self.patch_size})")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(image_size, image_size, in_channels)``."""
+        return (self.image_size, self.image_size, self.in_channels)
+
+
+def vit_b16(**overrides: Any) -> ViTConfig:
+    """ViT-B/16: 224x224 RGB, patch 16, width 768, 12 blocks, 12 heads, MLP 3072.
+
+    Args:
+        **overrides: Fields to change, e.g. ``num_classes=10`` or ``image_size=96``.
+
+    Returns:
+        The configuration (timm's LayerNorm epsilon, 1e-6).
+    """
+    return dataclasses.replace(ViTConfig(), **overrides)
+
+
+def vit_tiny_test(**overrides: Any) -> ViTConfig:
+    """A tiny ViT for tests: 32x32 RGB, patch 8 (16 patches), width 32, 2 blocks, 4 heads.
+
+    Args:
+        **overrides: Fields to change.
+
+    Returns:
+        The configuration (MLP width 64, 10 classes).
+    """
+    base = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, num_heads=4, mlp_dim=64,
+                     num_classes=10)
+    return dataclasses.replace(base, **overrides)
+
+
+class ViT(Classifier):
+    """Vision Transformer with the timm / Hugging Face ViT layout (pre-LN, cls-token head).
+
+    ``features(x)`` is the final-LayerNorm output at the cls token, shape ``(B, dim)``.
+    Parameter paths as in :class:`~clax.models.vit.TinyViT`: ``patch_embed/kernel``
+    (``(p, p, C, dim)``), ``cls_token`` (``(1, 1, dim)``), ``pos_embed``
+    (``(1, N + 1, dim)``), ``blocks/<i>/{ln1,attn/{query,key,value,out},ln2,fc1,fc2}``,
+    ``norm``, ``head``.
+
+    Hooks, as on TinyViT: ``prompt`` (None until set) gives ``(B, P, dim)`` tokens that are
+    inserted after the cls token once the position embeddings are added; each block's
+    ``mlp_adapter`` runs parallel to its MLP (see :class:`~clax.models.vit.TransformerBlock`).
+
+    Attributes:
+        patch_size, dim, depth, num_heads, mlp_dim, norm_eps, approximate_gelu: As built.
+        grid_size: Patches per side ``(H // p, W // p)``.
+        num_patches: ``grid_size[0] * grid_size[1]``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        *,
+        num_classes: int,
+        num_tasks: int = 1,
+        patch_size: int = 16,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: int = 4,
+        mlp_dim: int | None = None,
+        norm_eps: float = 1e-6,
+        approximate_gelu: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        """Builds the transformer (defaults: ViT-B/16).
+
+        Args:
+            input_shape: Image shape ``(H, W, C)``; ``H`` and ``W`` divisible by
+                ``patch_size``.
+            num_classes: Logits per example.
+            num_tasks: Heads; ``> 1`` gives a multi-head (task-incremental) model.
+            patch_size: Side of the square patches.
+            dim: Token width; divisible by ``num_heads``.
+            depth: Number of transformer blocks.
+            num_heads: Attention heads.
+            mlp_ratio: Block MLP hidden width as a multiple of ``dim`` (when ``mlp_dim`` is
+                None).
+            mlp_dim: Block MLP hidden width; overrides ``mlp_ratio``.
+            norm_eps: LayerNorm epsilon of every LayerNorm.
+            approximate_gelu: tanh GELU instead of the exact erf GELU.
+            rngs: Random streams for initialisation.
+
+        Raises:
+            TypeError: On an argument of the wrong type.
+            ValueError: On a malformed argument.
+        """
+        input_shape = check_input_shape_arg(input_shape)
+        num_classes = check_positive_int("num_classes", num_classes)
+        num_tasks = check_positive_int("num_tasks", num_tasks)
+        self.patch_size = check_positive_int("patch_size", patch_size)
+        self.dim = check_positive_int("dim", dim)
+        self.depth = check_positive_int("depth", depth)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        mlp_ratio = check_positive_int("mlp_ratio", mlp_ratio)
+        mlp_dim = check_int("mlp_dim", mlp_dim, low=1, optional=True)
+        self.mlp_dim = dim * mlp_ratio if mlp_dim is None else mlp_dim
+        self.norm_eps = check_real("norm_eps", norm_eps, 0.0, math.inf, low_open=True,
+                                   high_open=True)
+        self.approximate_gelu = check_bool("approximate_gelu", approximate_gelu)
+        h, w, c = input_shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(
+                f"input_shape spatial dims {(h, w)} must be divisible by patch_size={patch_size}"
+            )
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.grid_size = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embed = nnx.Conv(c, dim, kernel_size=(patch_size, patch_size),
+                                    strides=patch_size, padding="VALID", rngs=rngs)
+        init = nnx.initializers.truncated_normal(stddev=0.02)
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim)))
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, self.num_patches + 1, dim)))
+        self.blocks = nnx.List([
+            TransformerBlock(dim, num_heads, mlp_ratio, mlp_dim=self.mlp_dim,
+                             approximate_gelu=self.approximate_gelu, norm_eps=self.norm_eps,
+                             rngs=rngs)
+            for _ in range(depth)
+        ])
+        self.norm = nnx.LayerNorm(dim, epsilon=self.norm_eps, rngs=rngs)
+        self.prompt: nnx.Module | None = None
+        self._init_classifier(input_shape, num_classes, num_tasks, dim, rngs)
+
+    @classmethod
+    def from_config(cls, config: ViTConfig, *, num_tasks: int = 1, rngs: nnx.Rngs) -> ViT:
+        """Builds a randomly initialised model from a :class:`ViTConfig`.
+
+        Args:
+            config: The hyperparameters.
+            num_tasks: Heads; ``> 1`` gives a multi-head model.
+            rngs: Random streams for initialisation.
+
+        Returns:
+            The model.
+
+        Raises:
+            TypeError: ``config`` is not a :class:`ViTConfig`.
+        """
+        if not isinstance(config, ViTConfig):
+            raise TypeError(f"config must be a ViTConfig, got {type(config).__name__}")
+        return cls(config.input_shape, num_classes=config.num_classes, num_tasks=num_tasks,
+                   patch_size=config.patch_size, dim=config.dim, depth=config.depth,
+                   num_heads=config.num_heads, mlp_dim=config.mlp_dim,
+                   norm_eps=config.norm_eps, approximate_gelu=config.approximate_gelu,
+                   rngs=rngs)
+
+    def _features(self, x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        tokens = self.patch_embed(x).reshape(b, self.num_patches, self.dim)
+        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.dim))
+        h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...]
+        if self.prompt is not None:
+            h = jnp.concatenate([h[:, :1], self.prompt(b).astype(h.dtype), h[:, 1:]], axis=1)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)[:, 0]
+
+
+
+class TinyViT(ViT):
+    """Tiny Vision Transformer for small images: a :class:`ViT` with small defaults and the
+    tanh GELU.
 
     Features are the final-LayerNorm output at the cls token, shape ``(B, dim)``.
 
@@ -132,47 +342,8 @@ class TinyViT(Classifier):
         Raises:
             ValueError: On a malformed argument.
         """
-        input_shape = check_input_shape_arg(input_shape)
-        num_classes = check_positive_int("num_classes", num_classes)
-        num_tasks = check_positive_int("num_tasks", num_tasks)
-        self.patch_size = check_positive_int("patch_size", patch_size)
-        self.dim = check_positive_int("dim", dim)
-        self.depth = check_positive_int("depth", depth)
-        self.num_heads = check_positive_int("num_heads", num_heads)
-        self.mlp_ratio = check_positive_int("mlp_ratio", mlp_ratio)
-        h, w, c = input_shape
-        if h % patch_size or w % patch_size:
-            raise ValueError(
-                f"input_shape spatial dims {(h, w)} must be divisible by patch_size={patch_size}"
-            )
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_patches = (h // patch_size) * (w // patch_size)
-        self.patch_embed = nnx.Conv(
-            c,
-            dim,
-            kernel_size=(patch_size, patch_size),
-            strides=patch_size,
-            padding="VALID",
-            rngs=rngs,
-        )
-        init = nnx.initializers.truncated_normal(stddev=0.02)
-        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim)))
-        self.pos_embed = nnx.Param(init(rngs.params(), (1, self.num_patches + 1, dim)))
-        self.blocks = nnx.List(
-            [TransformerBlock(dim, num_heads, mlp_ratio, rngs=rngs) for _ in range(depth)]
-        )
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.prompt: nnx.Module | None = None
-        self._init_classifier(input_shape, num_classes, num_tasks, dim, rngs)
-
-    def _features(self, x: jax.Array) -> jax.Array:
-        b = x.shape[0]
-        tokens = self.patch_embed(x).reshape(b, self.num_patches, self.dim)
-        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.dim))
-        h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...]
-        if self.prompt is not None:
-            h = jnp.concatenate([h[:, :1], self.prompt(b).astype(h.dtype), h[:, 1:]], axis=1)
-        for block in self.blocks:
-            h = block(h)
-        return self.norm(h)[:, 0]
+        super().__init__(input_shape, num_classes=num_classes, num_tasks=num_tasks,
+                         patch_size=patch_size, dim=dim, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, norm_eps=1e-6, approximate_gelu=True,
+                         rngs=rngs)
+        self.mlp_ratio = mlp_ratio
