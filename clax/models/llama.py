@@ -445,6 +445,12 @@ class LlamaLM(nnx.Module):
         Returns:
             ``(logits (B, L, vocab) float32, cache or None)``.
         """
+        h, cache = self._hidden_states(tokens, attention_mask, cache)
+        return self.logits_from_hidden(h), cache
+
+    def _hidden_states(self, tokens: jax.Array, attention_mask: jax.Array | None,
+                       cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states of the token positions (prompt positions dropped)."""
         self._check_tokens(tokens)
         b, seq = tokens.shape
         real = (jnp.ones((b, seq), bool) if attention_mask is None
@@ -485,27 +491,18 @@ class LlamaLM(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        logits = self.logits_from_hidden(self.norm(h))[:, n_prompt:]
+        h = self.norm(h)[:, n_prompt:]
         if cache is None:
-            return logits, None
+            return h, None
         new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid,
                             cache.positions + jnp.sum(real, axis=1, dtype=jnp.int32),
                             cache.index + seq)
-        return logits, new_cache
+        return h, new_cache
 
     def hidden(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states ``(B, L, dim)`` (no cache, no prompt)."""
-        self._check_tokens(tokens)
-        b, seq = tokens.shape
-        real = (jnp.ones((b, seq), bool) if attention_mask is None
-                else jnp.asarray(attention_mask).astype(bool))
-        positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
-        key_mask = jnp.tril(jnp.ones((seq, seq), bool))[None] & real[:, None, :]
-        h = self.embed_tokens(tokens)
-        inv_freq = rope_frequencies(self.config)
-        for layer in self.layers:
-            h, _ = layer(h, positions, key_mask, inv_freq, None)
-        return self.norm(h)
+        """Final-norm hidden states ``(B, L, dim)`` of the token positions (no cache; a
+        prompt, if set, is attended to but its positions are dropped)."""
+        return self._hidden_states(tokens, attention_mask, None)[0]
 
     def __call__(self, tokens: jax.Array, task_ids: jax.Array | None = None) -> jax.Array:
         """Next-token logits ``(B, L, vocab)`` float32; ``task_ids`` is ignored."""

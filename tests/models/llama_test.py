@@ -96,7 +96,9 @@ def test_left_padding_is_masked_exactly():
     pad = jnp.concatenate([jnp.full((2, 4), 9), tokens], axis=1)
     mask = jnp.concatenate([jnp.zeros((2, 4), bool), jnp.ones((2, 7), bool)], axis=1)
     padded, _ = model.forward(pad, attention_mask=mask)
-    np.testing.assert_allclose(padded[:, 4:], _logits(model, tokens), atol=1e-6, rtol=0)
+    # Masked keys add exact zeros, but the softmax sums run over another length, so the
+    # summation order (vectorisation) may differ by CPU: float32 rounding of O(1) logits.
+    np.testing.assert_allclose(padded[:, 4:], _logits(model, tokens), atol=1e-5, rtol=0)
 
 
 def test_greedy_generation_equals_argmax_loop_and_compiles_once_per_bucket():
