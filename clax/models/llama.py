@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clax.models._checks import check_positive_int
+from clax.models.sharding_hints import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -420,10 +421,25 @@ class LlamaLM(nnx.Module):
             raise ValueError(f"sequence length {tokens.shape[1] + extra} exceeds the model's "
                              f"max_len={self.config.max_len} (LlamaConfig.max_len)")
 
+    def _table(self) -> jax.Array:
+        # FSDP gathers the table's "embed" split before use, as it does for every weight;
+        # for the tied head the vocabulary split over "tensor" stays (each device computes
+        # its share of the logits). Left split, XLA would re-layout the batch's
+        # activations (and their gradients) into the table's layout instead.
+        return constrain(self.embed_tokens.embedding[...], ("vocab", None))
+
+    def _lookup(self, tokens: jax.Array) -> jax.Array:
+        """``nnx.Embed.__call__`` on the (hinted) table: the same values."""
+        # XLA cannot partition a lookup into a vocabulary-split table (it would replicate
+        # it implicitly, and the activations' gradients with it): gather it explicitly.
+        table = constrain(self.embed_tokens.embedding[...], (None, None))
+        dtype = self.embed_tokens.dtype
+        return jnp.take(table if dtype is None else table.astype(dtype), tokens, axis=0)
+
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """float32 logits from final-norm hidden states."""
         if self.config.tie_embeddings:
-            emb = self.embed_tokens.embedding[...]
+            emb = self._table()
             return jnp.einsum("bld,vd->blv", h.astype(emb.dtype), emb,
                               preferred_element_type=jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
@@ -455,7 +471,9 @@ class LlamaLM(nnx.Module):
         b, seq = tokens.shape
         real = (jnp.ones((b, seq), bool) if attention_mask is None
                 else jnp.asarray(attention_mask).astype(bool))
-        h = self.embed_tokens(tokens)
+        # Activations are split over the batch only: the lookup's output would otherwise
+        # inherit the table's layout (clax.models.sharding_hints).
+        h = constrain(self._lookup(tokens), ("batch", None, None))
         offset = cache.positions[:, None] if cache is not None else 0
         positions = offset + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
         positions = jnp.maximum(positions, 0)
@@ -488,6 +506,7 @@ class LlamaLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
             h, kv = layer(h, positions, key_mask, inv_freq, layer_cache)
+            h = constrain(h, ("batch", None, None))
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

@@ -13,10 +13,25 @@ from clax.models._checks import check_input_shape_arg, check_int_sequence, check
 from clax.models.base import Classifier
 
 
+def _named_linear(d_in: int, d_out: int, index: int, rngs: nnx.Rngs) -> nnx.Linear:
+    out_name = "mlp" if index % 2 == 0 else "embed"
+    in_name = None if index == 0 else ("mlp" if out_name == "embed" else "embed")
+    kernel = nnx.with_partitioning(nnx.initializers.lecun_normal(), (in_name, out_name),
+                                   eager_sharding=False)
+    bias = nnx.with_partitioning(nnx.initializers.zeros_init(), (out_name,),
+                                 eager_sharding=False)
+    return nnx.Linear(d_in, d_out, kernel_init=kernel, bias_init=bias, rngs=rngs)
+
+
 class MLP(Classifier):
     """Flatten, then ``Linear + ReLU`` per entry of ``widths``, then the head.
 
     Parameter paths: ``layers/0/kernel``, ``layers/1/kernel``, ..., ``head/kernel``.
+
+    Hidden kernels carry logical axis names for tensor parallelism in the Megatron layout
+    (`clax.training.sharding`): layer 0 splits its outputs (``"mlp"``), layer 1 its inputs,
+    and so on alternately, so consecutive layers need no gather between them. The
+    flattened input and the head are unnamed (FSDP-split where they divide).
     """
 
     def __init__(
@@ -47,7 +62,8 @@ class MLP(Classifier):
         sizes = (math.prod(input_shape), *self.widths)
         # nnx.List keeps integer path keys (layers/0/kernel), so depth is readable from paths.
         self.layers = nnx.List(
-            [nnx.Linear(d_in, d_out, rngs=rngs) for d_in, d_out in itertools.pairwise(sizes)]
+            [_named_linear(d_in, d_out, i, rngs)
+             for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes))]
         )
         self._init_classifier(input_shape, num_classes, num_tasks, sizes[-1], rngs)
 

@@ -14,7 +14,13 @@ from clax.training.config import (
     default_config,
 )
 from clax.training.loop import NonFiniteLossError, Progress, RunResult, train_continual
-from clax.training.sharding import data_mesh
+from clax.training.sharding import (
+    ShardingRules,
+    data_mesh,
+    logical_axes,
+    make_mesh,
+    state_shardings,
+)
 from clax.training.steps import StepFns, StepMetrics
 
 # The unlearning driver is `clax.training.unlearn.unlearn` (the submodule keeps its name).
@@ -24,6 +30,7 @@ __all__ = [
     "NonFiniteLossError",
     "Progress",
     "RunResult",
+    "ShardingRules",
     "StepFns",
     "StepMetrics",
     "UnlearnResult",
@@ -35,5 +42,8 @@ __all__ = [
     "data_mesh",
     "default_config",
     "default_unlearn_config",
+    "logical_axes",
+    "make_mesh",
+    "state_shardings",
     "train_continual",
 ]

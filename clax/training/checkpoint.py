@@ -1,4 +1,11 @@
-"""Orbax checkpoints of a whole run: train state plus JSON progress/results metadata."""
+"""Orbax checkpoints of a whole run: train state plus JSON progress/results metadata.
+
+Multi-process runs: every process creates the `Checkpointer` on the same directory (a
+shared file system: one machine's disk, NFS, GCS) and calls `save` / `restore` together.
+Orbax coordinates them: each process writes the shards its devices hold, process 0 the
+metadata and the JSON, and a step is committed (renamed from its temporary folder) after
+all have written; a restore gives every process its shards of the `like` shardings.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,20 @@ import jax
 import orbax.checkpoint as ocp
 
 from clax.typing import PyTree
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, minus its own preemption check.
+
+    Orbax asks ``multihost_utils.reached_preemption_sync_point(checkpoint number)`` on
+    every save, but JAX's sync point is one counter per process: the loop's
+    `clax.training.distributed.PreemptionWatch` passes its own call count, and orbax's
+    numbers in between would move the point the processes agree on (possibly behind the
+    loop's count, never reached). The loop saves on preemption itself.
+    """
+
+    def reached_preemption(self, step: int) -> bool:  # noqa: ARG002
+        return False
 
 
 class Checkpointer:
@@ -20,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
+        self._manager = _Manager(
             self.directory,
             item_names=("state", "meta"),
             options=ocp.CheckpointManagerOptions(

@@ -40,6 +40,7 @@ from ml_collections.config_dict import placeholder
 import clax.methods  # noqa: F401  (the driver registers every method explicitly)
 from clax import data as clax_data
 from clax import models as clax_models
+from clax._validation import check_int
 from clax.core import (
     Classification,
     LanguageModeling,
@@ -53,7 +54,9 @@ from clax.data.text import TEXT_SCENARIOS
 
 _SIMPLE = (bool, int, float, str, tuple)
 # Keys of train/optimizer that may change when a run resumes (they do not change results).
-OPERATIONAL_KEYS = ("train.num_devices", "train.checkpoints_to_keep", "train.eval_batch_size")
+OPERATIONAL_KEYS = ("train.num_devices", "train.mesh_fsdp", "train.mesh_tensor",
+                    "train.fsdp_min_size",
+                    "train.checkpoints_to_keep", "train.eval_batch_size", "train.prefetch")
 
 
 def defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -123,12 +126,22 @@ def default_config() -> ml_collections.ConfigDict:
             "checkpoint_every_steps": 0,
             "checkpoints_to_keep": 2,
             # True: each task's data lives on device and runs in compiled loops of steps.
-            # False: batches are assembled on the host and fed step by step.
+            # False: batches are assembled on the host and fed step by step, by the grain
+            # pipeline of clax.data.pipeline (data too large for the device, LM corpora).
             "device_resident": True,
+            # Host-fed path: batches gathered ahead in background threads (0: none).
+            "prefetch": 2,
             # Re-initialise the whole optimizer state (method transforms included) per task.
             "reset_optimizer_per_task": False,
-            # Devices to shard the batch over (0: all local devices).
+            # Devices of the run's mesh (0: every device, of every process).
             "num_devices": 0,
+            # Mesh ("data", "fsdp", "tensor"): data = num_devices / (fsdp * tensor). FSDP
+            # splits parameters, optimizer state and method memory; tensor splits the
+            # named matmul dimensions (clax.training.sharding). 1, 1: data parallel.
+            "mesh_fsdp": 1,
+            "mesh_tensor": 1,
+            # Arrays with fewer elements stay replicated under the FSDP rule.
+            "fsdp_min_size": 1024,
         }
     )
     return c
@@ -150,6 +163,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     missing = sorted(set(ref.keys()) - set(config.keys()))
     if missing:
         raise ValueError(f"config lacks section(s) {missing}; start from default_config()")
+    check_int("config.train.prefetch", config.train.get("prefetch", 0), low=0)
 
 
 def component_kwargs(section: ml_collections.ConfigDict, *selectors: str) -> dict[str, Any]:

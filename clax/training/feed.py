@@ -1,7 +1,10 @@
 """Batch order and batch assembly, shared by the device-resident and host-fed paths.
 
 The order of examples depends only on (seed, task index, epoch), so a run resumed from a
-checkpoint in the middle of an epoch replays exactly the batches it would have seen.
+checkpoint in the middle of an epoch replays exactly the batches it would have seen. The
+host-fed path gathers those same index batches with the grain pipeline of
+`clax.data.pipeline` (background threads, a few batches ahead), so its batches, and the
+run's results, are identical to the device-resident path's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from clax.core import Batch, TrainArrays, num_examples, take
+from clax.core import Batch, TrainArrays, num_examples
+from clax.data import pipeline
 from clax.typing import PyTree
 
 
@@ -35,10 +39,31 @@ def epoch_index_batches(
     return order.reshape(steps, batch_size).astype(np.int32)
 
 
-def host_batches(data: TrainArrays, index_batches: np.ndarray) -> Iterator[Batch]:
-    """Host-fed path: yields numpy batches in the order of `index_batches`."""
-    for idx in index_batches:
-        yield Batch(x=take(data.x, idx), y=take(data.y, idx), task_ids=data.task_ids[idx])
+def host_batches(data: TrainArrays | pipeline.ArraySource | pipeline.TokenSource,
+                 index_batches: np.ndarray, *, prefetch: int = pipeline.DEFAULT_PREFETCH
+                 ) -> Iterator[Batch]:
+    """Host-fed path: yields numpy batches in the order of `index_batches`.
+
+    The batches are gathered by `clax.data.pipeline.batch_iterator`, `prefetch` batches
+    ahead in background threads, so the next batch is read (from memory, or from
+    memory-mapped files: `TrainArrays` of ``np.load(mmap_mode="r")`` arrays never load
+    whole) while the device trains on the current one. To start mid-epoch, pass the
+    remaining rows (``index_batches[step:]``): the skipped batches are never read.
+
+    Args:
+      data: the task's arrays, or a pipeline source.
+      index_batches: (steps, batch_size) example indices; in a multi-process run only the
+        columns this process feeds (``index_batches[:, rows]``).
+      prefetch: batches gathered ahead (0: gather in this thread, one at a time).
+    """
+    source = (pipeline.ArraySource(data.x, data.y, data.task_ids)
+              if isinstance(data, TrainArrays) else data)
+    batches = pipeline.batch_iterator(source, index_batches, prefetch=prefetch)
+    try:
+        for b in batches:
+            yield Batch(x=b.x, y=b.y, task_ids=b.task_ids)
+    finally:  # also when the consumer stops early (an error, a generator closed)
+        batches.close()
 
 
 def padded_eval_batches(

@@ -11,6 +11,11 @@ steps, evaluators), `_resume` (the latest checkpoint, if any), `_train_task` (bo
 hooks around `_train_epoch`), `_train_epoch` (compiled chunks of steps, continual
 evaluation, periodic checkpoints) and `_finish` (summary and result files). Everything
 that must survive a restart lives in the typed `Progress`, saved next to the state.
+
+Multi-process runs (`clax.training.distributed`) run this same loop on every process over
+one global mesh: process 0 writes the workdir's files, all processes save and restore the
+checkpoints together. SIGTERM (preemption) makes the loop finish its chunk of steps, save
+a checkpoint and raise `Preempted`; the same call resumes.
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ from clax.core import (
 from clax.data import Scenario
 from clax.params import train_only
 from clax.training import config as config_lib
-from clax.training import feed
+from clax.training import distributed, feed
+from clax.training import sharding as sharding_lib
 from clax.training.checkpoint import Checkpointer
-from clax.training.sharding import data_mesh
 from clax.training.steps import StepFns, next_power_of_two, pad_to_bucket
 
 log = logging.getLogger("clax")
@@ -58,6 +63,16 @@ log = logging.getLogger("clax")
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped without saving."""
+
+
+class Preempted(Exception):
+    """SIGTERM (a preemption notice): the run finished its chunk of steps, saved checkpoint
+    ``checkpoint`` (every process) and stopped; the same call or command resumes it."""
+
+    def __init__(self, checkpoint: int):
+        self.checkpoint = checkpoint
+        super().__init__(f"preempted: saved checkpoint {checkpoint}; rerun the same command "
+                         "to resume")
 
 
 def progress_from_json(cls: type, meta: dict[str, Any], what: str):
@@ -79,7 +94,11 @@ class Progress:
 
     task: int = 0  # the next task to train (or the one in progress)
     epoch: int = 0  # the next epoch of that task
-    step_in_epoch: int = 0  # steps of that epoch already taken (resume mid-epoch)
+    # Steps of that epoch already taken (resume mid-epoch). It is also the host-fed
+    # pipeline's whole position: the epoch's index batches are a function of (seed, task,
+    # epoch) and the pipeline restarts at this row (its grain iterator state would only
+    # repeat this count), so no iterator state is saved.
+    step_in_epoch: int = 0
     done: bool = False
     baseline: dict[str, list[float]] | None = None
     rows: list[dict[str, list[float]]] = dataclasses.field(default_factory=list)
@@ -146,13 +165,15 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     """Refuses to reuse a workdir whose checkpoints come from a different config.
 
     A workdir without checkpoints (a run that failed before its first save) takes the
-    new config.
+    new config. In a multi-process run every process reads and checks the same files
+    (raising the same error) and process 0 writes, after a barrier.
     """
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
         name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints"))
     )
+    unchanged = False
     if os.path.exists(path) and has_checkpoints:
         with open(path) as f:
             saved = json.load(f)
@@ -164,13 +185,15 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
                 f"{', '.join(diffs)}); use another --workdir to start a new run. Nothing in "
                 "the workdir was changed."
             )
-        if saved == current:
-            return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+        unchanged = saved == current
+    distributed.barrier("clax_workdir_config_checked")  # nobody writes before all have read
+    if not unchanged and distributed.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    distributed.barrier("clax_workdir_config_written")
 
 
 def _affects_run(key: str, config: dict) -> bool:
@@ -331,7 +354,7 @@ class _Evaluator:
         """Dispatches every task's evaluation, then reads all sums in one transfer."""
         sums = [self._fns.evaluate(state.params, state.model_state, state.memory,
                                    *self._sets[j][:2]) for j in tasks]
-        values = [self._fns.objective.finalize(s) for s in jax.device_get(sums)]
+        values = [self._fns.objective.finalize(s) for s in distributed.to_host(sums)]
         return {m.name: [v[m.name] for v in values] for m in self._fns.objective.metrics}
 
 
@@ -364,7 +387,7 @@ class _ContinualEvaluator:
         index[: len(tasks)] = tasks
         sums = self._fns.evaluate_tasks(state.params, state.model_state, state.memory,
                                         self._data, self._valid, index, np.int32(len(tasks)))
-        sums = jax.device_get(sums)
+        sums = distributed.to_host(sums)
         finalize = self._fns.objective.finalize
         return [finalize({k: v[n] for k, v in sums.items()})[metric] for n in range(len(tasks))]
 
@@ -388,6 +411,8 @@ class _Run:
     online: bool
     epochs: int
     rho: int
+    preemption: distributed.PreemptionWatch = dataclasses.field(
+        default_factory=lambda: distributed.PreemptionWatch(enabled=False))
 
     @property
     def metric(self) -> str:
@@ -410,13 +435,14 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
         _check_workdir_config(workdir, config)
     tc = config.train
     rho = _eval_period(tc)
-    mesh = data_mesh(tc.num_devices or None)
-    n_dev = mesh.devices.size
+    mesh = _mesh(tc)
+    shards = sharding_lib.batch_divisor(mesh)
     for key in ("batch_size", "eval_batch_size"):
-        if tc[key] % n_dev:
+        if tc[key] % shards:
             raise ValueError(
-                f"config.train.{key}={tc[key]} must be divisible by the {n_dev} devices the "
-                "batch is sharded over (set config.train.num_devices to use fewer)"
+                f"config.train.{key}={tc[key]} must be divisible by the {shards} batch shards "
+                f"of the mesh (data x fsdp of {dict(mesh.shape)}; set config.train.num_devices "
+                "or the mesh to change it)"
             )
     first = scenario.tasks[0]
     example = example_spec(TrainArrays(first.x_train, first.y_train,
@@ -433,7 +459,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
         # Adapter-only training: the whole chain (method transforms included) sees the
         # trainable leaves only; the rest get exact zero updates.
         tx = train_only(tx, trainable)
-    steps = StepFns(fns_model, method, tx, mesh, objective, data)
+    steps = StepFns(fns_model, method, tx, mesh, objective, data,
+                    rules=sharding_lib.ShardingRules(fsdp_min_size=tc.fsdp_min_size),
+                    param_axes=sharding_lib.logical_axes(model))
     state = steps.init_state(params, model_state, config.seed)
     ckpt = None
     if workdir is not None:
@@ -450,6 +478,23 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
     return run, state
 
 
+def _mesh(tc: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's ("data", "fsdp", "tensor") mesh from ``config.train``."""
+    devices = jax.devices()
+    if tc.num_devices:
+        if not 1 <= tc.num_devices <= len(devices):
+            raise ValueError(f"config.train.num_devices={tc.num_devices} but "
+                             f"{len(devices)} device(s) are available")
+        if tc.num_devices != len(devices) and jax.process_count() > 1:
+            raise ValueError(f"config.train.num_devices={tc.num_devices}: a multi-process run "
+                             f"uses all {len(devices)} devices (set 0)")
+        devices = devices[:tc.num_devices]
+    try:
+        return sharding_lib.make_mesh(0, tc.mesh_fsdp, tc.mesh_tensor, devices=devices)
+    except ValueError as e:
+        raise ValueError(f"config.train.mesh_fsdp / mesh_tensor: {e}") from None
+
+
 def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
     """The latest checkpoint's state and progress, or a fresh start."""
     if run.ckpt is None or run.ckpt.latest() is None:
@@ -462,9 +507,11 @@ def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
     return run.steps.place_state(state), progress
 
 
-def _save(run: _Run, state: TrainState, progress: Progress) -> None:
+def _save(run: _Run, state: TrainState, progress: Progress) -> int | None:
+    """Saves a checkpoint (every process takes part); returns its number (None: no workdir)."""
     if run.ckpt is not None:
-        run.ckpt.save(state, dataclasses.asdict(progress))
+        return run.ckpt.save(state, dataclasses.asdict(progress))
+    return None
 
 
 def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]) -> list[int]:
@@ -480,16 +527,28 @@ def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]
 
 def _train_chunk(steps: StepFns, state: TrainState, data: Batch, train: TrainArrays,
                  idx: np.ndarray, task_index: int, *, device_resident: bool,
-                 capacity: int) -> tuple[TrainState, np.ndarray]:
-    """Runs the steps of `idx` on either data path; returns the state and per-step losses."""
+                 capacity: int, prefetch: int) -> tuple[TrainState, np.ndarray]:
+    """Runs the steps of `idx` on either data path; returns the state and per-step losses.
+
+    The host-fed path gathers batches with the grain pipeline (`clax.data.pipeline`),
+    `prefetch` batches ahead in threads while the device trains. `idx` starts at the
+    chunk's first step, so a resumed epoch never reads the batches before it.
+
+    Multi-process runs: device-resident `data` is replicated onto every device (each
+    process holds the whole, small, task); the host-fed path reads only this process's
+    rows of each batch (``steps.process_rows``), for data that does not fit, and builds the
+    global batch from the processes' shares.
+    """
     if device_resident:
         state, m = steps.run_chunk(state, data, idx, task_index, capacity=capacity)
-        return state, np.asarray(m.loss)
+        return state, distributed.to_host(m.loss)
+    batch_size = idx.shape[1]
+    rows = steps.process_rows(batch_size)  # all rows in a one-process run
     losses = []
-    for batch in feed.host_batches(train, idx):
-        state, m = steps.train_step(state, steps.shard_batch(batch), task_index)
+    for batch in feed.host_batches(train, idx[:, rows], prefetch=prefetch):
+        state, m = steps.train_step(state, steps.shard_batch(batch, batch_size), task_index)
         losses.append(m.loss)
-    return state, np.asarray(jax.device_get(losses))
+    return state, np.asarray(distributed.to_host(losses))
 
 
 def _check_finite(losses: np.ndarray, state: TrainState, name: str, task: int, epoch: int,
@@ -532,7 +591,8 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, t: int, epoch
         chunk_start = time.perf_counter()
         state, losses = _train_chunk(run.steps, state, data, train, idx[start:end],
                                      0 if run.online else t,
-                                     device_resident=tc.device_resident, capacity=capacity)
+                                     device_resident=tc.device_resident, capacity=capacity,
+                                     prefetch=tc.prefetch)
         progress.train_time_s += time.perf_counter() - chunk_start
         _check_finite(losses, state, run.config.name, t, epoch, run.ckpt)
         last_loss = float(losses[-1])
@@ -551,8 +611,13 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, t: int, epoch
             ]
         task_ends_here = epoch_done and epoch + 1 == run.epochs
         every = tc.checkpoint_every_steps
+        saved = None
         if every > 0 and step_now % every == 0 and not task_ends_here:
-            _save(run, state, progress)
+            saved = _save(run, state, progress)
+        # SIGTERM: stop here (all processes agree at this call); at a task's end the
+        # task-end checkpoint comes first (train_continual stops after it).
+        if run.preemption.should_stop() and not task_ends_here:
+            raise Preempted(saved if saved is not None else _save(run, state, progress))
     return state, last_loss
 
 
@@ -605,7 +670,7 @@ def _finish(run: _Run, state: TrainState, progress: Progress, workdir: str | Non
         log.info("%s: continual evaluation every %d steps: %d evaluations in %.1fs (%.0f%% of "
                  "the %.1fs training time)", run.config.name, run.rho, num_evaluations,
                  progress.eval_time_s, 100 * (eval_overhead or 0.0), progress.train_time_s)
-    if workdir is not None:
+    if workdir is not None and distributed.is_main_process():  # process 0 writes the files
         tc = run.config.train
         summary = clax_metrics.write_run_results(
             workdir, name=run.config.name, R=R, b=b, curves=progress.curves,
@@ -619,6 +684,7 @@ def _finish(run: _Run, state: TrainState, progress: Progress, workdir: str | Non
                    "matrices": {k: v.tolist() for k, v in matrices.items()}},
             task_boundaries=progress.task_boundaries[1:],
         )
+    if run.ckpt is not None:
         run.ckpt.close()
     return RunResult(
         name=run.config.name, metric=spec.name, higher_is_better=spec.higher_is_better,
@@ -660,10 +726,24 @@ def train_continual(
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+      Preempted: SIGTERM (with a workdir): the run saved a checkpoint after the chunk of
+        steps in flight and stopped; call again with the same arguments to resume.
       ValueError: inconsistent config, data and model (before anything is compiled), or
         a method that needs task boundaries on an online stream (``scenario.online``).
     """
     run, state = _build(config, workdir, scenario, model, method, objective)
+    # SIGTERM (preemption): checkpoint and stop between chunks of steps (with a workdir).
+    with distributed.PreemptionWatch(enabled=run.ckpt is not None) as run.preemption:
+        try:
+            state, progress = _train_tasks(run, state)
+        except Preempted:
+            run.ckpt.close()
+            raise
+    return _finish(run, state, progress, workdir, keep_state)
+
+
+def _train_tasks(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
+    """Resumes, then trains every remaining task, evaluating and saving after each."""
     state, progress = _resume(run, state)
     T = run.scenario.num_tasks
     if progress.baseline is None:
@@ -678,7 +758,7 @@ def train_continual(
         progress.rows.append(row)
         progress.task, progress.epoch, progress.step_in_epoch = t + 1, 0, 0
         progress.done = t + 1 == T
-        _save(run, state, progress)
+        saved = _save(run, state, progress)
         dt = time.perf_counter() - task_start
         elapsed = time.perf_counter() - run_start
         task_steps = int(state.step) - task_step0
@@ -689,4 +769,6 @@ def train_continual(
             run.metric, float(np.mean(row[run.metric][: t + 1])), elapsed,
             elapsed / (t + 1 - first_task) * (T - t - 1),
         )
-    return _finish(run, state, progress, workdir, keep_state)
+        if not progress.done and run.preemption.should_stop():
+            raise Preempted(saved)
+    return state, progress

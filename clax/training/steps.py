@@ -33,7 +33,10 @@ from clax.core import (
     TrainState,
     num_examples,
 )
-from clax.typing import PyTree
+from clax.models import sharding_hints
+from clax.training import distributed
+from clax.training import sharding as sharding_lib
+from clax.typing import Path, PyTree
 
 
 def next_power_of_two(n: int) -> int:
@@ -69,7 +72,8 @@ class StepFns:
       model: the functional model.
       method: the continual-learning method.
       tx: the full optimizer (``method.optimizer(base)``).
-      mesh: a 1-D mesh with axis ``"data"``; batches are sharded over it, state replicated.
+      mesh: a ``("data", "fsdp", "tensor")`` mesh (`clax.training.sharding.make_mesh`);
+        batches are split over ``("data", "fsdp")``, the train state as `rules` say.
       objective: the task loss and evaluation metrics (default: `Classification`).
       data: the shapes of one example and of the model's output for it (`DataSpec`), for
         memory that stores examples (default: an image classifier's, from the model's
@@ -82,6 +86,8 @@ class StepFns:
     mesh: jax.sharding.Mesh
     objective: Objective = dataclasses.field(default_factory=Classification)
     data: DataSpec | None = None
+    rules: sharding_lib.ShardingRules | None = None
+    param_axes: dict[Path, tuple] | None = None
 
     def __post_init__(self):
         if self.data is None:
@@ -92,7 +98,8 @@ class StepFns:
                 self.model.input_shape, self.model.num_classes))
         replicated = NamedSharding(self.mesh, P())
         object.__setattr__(self, "_replicated", replicated)
-        object.__setattr__(self, "_sharded", NamedSharding(self.mesh, P("data")))
+        object.__setattr__(self, "_sharded", sharding_lib.batch_sharding(self.mesh))
+        object.__setattr__(self, "_state_sharding", None)
         object.__setattr__(
             self, "train_chunk", jax.jit(self._train_chunk, donate_argnums=(0,))
         )
@@ -102,44 +109,104 @@ class StepFns:
 
     # ------------------------------------------------------------------ shardings
     def replicate(self, tree: PyTree) -> PyTree:
-        """Places a pytree (host or device arrays) on every device of the mesh."""
-        return jax.device_put(tree, self._replicated)
+        """Places a pytree (host or device arrays) on every device of the mesh.
+
+        In a multi-process run every process passes the same values (each has the whole
+        array) and places only its own devices' copies
+        (`clax.training.distributed.host_to_global`).
+        """
+        return distributed.host_to_global(tree, self._replicated)
+
+    @property
+    def state_sharding(self) -> PyTree | None:
+        """`NamedSharding` per leaf of the train state (None before the first state)."""
+        return self._state_sharding
+
+    def set_state_shardings(self, state: PyTree) -> PyTree:
+        """Fixes the train state's shardings from `state` (arrays or shape structs) by the
+        run's rules; a later call with a state of another structure is an error."""
+        abstract = jax.eval_shape(lambda t: t, state)
+        shardings = sharding_lib.state_shardings(abstract, self.mesh, axes=self.param_axes,
+                                                 rules=self.rules)
+        if self._state_sharding is None:
+            object.__setattr__(self, "_state_sharding", shardings)
+        elif jax.tree.structure(shardings) != jax.tree.structure(self._state_sharding):
+            raise ValueError("the train state's structure changed after its shardings were "
+                             "fixed (a boundary hook must keep the state's structure)")
+        return self._state_sharding
 
     def place_state(self, state: TrainState) -> TrainState:
-        """A replicated copy of `state` in fresh buffers, safe to donate.
+        """A copy of `state` in its shardings, in fresh buffers, safe to donate.
 
         The steps donate the state, so no leaf may share a buffer with the caller's arrays
         or with another leaf (e.g. memory holding ``params``). ``device_put`` does not
-        guarantee that when replicating (the shard already on the device may be reused),
-        so this copies inside a jitted function, whose outputs are always new buffers.
-        Leaves on one device (a boundary hook's host or single-device results) are moved
-        onto the mesh first.
+        guarantee that (the shard already on the device may be reused), so this copies
+        inside a jitted function, whose outputs are always new buffers. Leaves on one
+        device (a boundary hook's host or single-device results) are moved onto the mesh
+        first.
         """
-        return self._copy_state(jax.device_put(state, self._replicated))
+        shardings = self.set_state_shardings(state)
+        return self._copy_state(jax.device_put(state, shardings))
 
     @functools.cached_property
     def _copy_state(self):
-        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self._replicated)
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                       out_shardings=self._state_sharding)
 
-    def shard_batch(self, batch: Batch) -> Batch:
-        """Places a host batch on the mesh, split along the batch axis."""
-        return jax.device_put(batch, self._sharded)
+    def _constrain_state(self, state: TrainState) -> TrainState:
+        if self._state_sharding is None:
+            return state
+        return jax.lax.with_sharding_constraint(state, self._state_sharding)
+
+    def shard_batch(self, batch: Batch, global_size: int | None = None) -> Batch:
+        """Places a host batch on the mesh, split along the batch axis.
+
+        Args:
+          batch: the whole global batch (the same on every process), or, with
+            `global_size`, only this process's rows of it (`process_rows`, in order).
+          global_size: the global batch size when `batch` holds this process's rows.
+        """
+        return distributed.host_to_global(batch, self._sharded, global_size)
+
+    def process_rows(self, global_size: int) -> np.ndarray:
+        """The rows of a global batch of `global_size` that this process feeds (all of
+        them in a one-process run): its devices' shards of the batch axis, ascending."""
+        return distributed.process_rows(self._sharded, global_size)
 
     def _constrain(self, batch: Batch) -> Batch:
         return jax.lax.with_sharding_constraint(batch, self._sharded)
 
+    def _split_like_batch(self, tree: PyTree) -> PyTree:
+        """Splits examples a method brings from memory (replayed, reference batches) over
+        the batch axes like the batch, where they divide: in memory's own layout XLA
+        would gather the weights (or their gradients) to contract them."""
+        leaves = jax.tree.leaves(tree)
+        if leaves and all(np.ndim(a) >= 1 and np.shape(a)[0] % sharding_lib.batch_divisor(
+                self.mesh) == 0 for a in leaves):
+            return self._constrain(tree)
+        return tree
+
     # ------------------------------------------------------------------ training
     def init_state(self, params: PyTree, model_state: PyTree, seed: int) -> TrainState:
-        """Fresh `TrainState` (optimizer and method memory initialised), replicated."""
-        state = TrainState(
-            params=params,
-            model_state=model_state,
-            opt_state=self.tx.init(params),
-            memory=self.method.initial_memory(params, self.data),
-            rng=jax.random.key(seed),
-            step=jnp.zeros((), jnp.int32),
-        )
-        return self.place_state(state)
+        """Fresh `TrainState` (optimizer and method memory initialised) in its shardings.
+
+        The optimizer state and memory are built by one jitted function whose outputs are
+        placed by the sharding rules, so no device holds more than its share.
+        """
+        def make(params, model_state):
+            return TrainState(
+                params=params,
+                model_state=model_state,
+                opt_state=self.tx.init(params),
+                memory=self.method.initial_memory(params, self.data),
+                rng=jax.random.key(seed),
+                step=jnp.zeros((), jnp.int32),
+            )
+
+        shardings = self.set_state_shardings(jax.eval_shape(make, params, model_state))
+        params = jax.device_put(params, shardings.params)
+        model_state = jax.device_put(model_state, shardings.model_state)
+        return jax.jit(make, out_shardings=shardings)(params, model_state)
 
     def _forward(self, params, model_state, batch: Batch):
         return self.model.apply(params, model_state, batch.x, batch.task_ids, train=True)
@@ -159,12 +226,29 @@ class StepFns:
                 f"{np.shape(weights)}")
         full = jax.tree.map(lambda a, e: jnp.concatenate([a, e.astype(a.dtype)]),
                             batch, examples)
+        full = self._split_like_batch(full)
         outputs, new_model_state = self._forward(params, model_state, full)
         w = jnp.concatenate([jnp.ones((b,), jnp.float32), weights.astype(jnp.float32)])
         loss = self.objective.loss(outputs, full, w)
         return loss, (outputs[:b], new_model_state)
 
+    def _resolve_activation(self, shape: tuple[int, ...], names) -> NamedSharding | None:
+        """Activation axes -> this mesh (`clax.models.sharding_hints`); None where a named
+        dimension does not divide its axes (the activation is left to XLA)."""
+        # Only the names decide: the FSDP rule for unnamed dimensions is for stored state.
+        rules = dataclasses.replace(self.rules or sharding_lib.ShardingRules(),
+                                    fsdp_min_size=2**62)
+        try:
+            spec = rules.spec(shape, names, self.mesh)
+        except ValueError:
+            return None
+        return NamedSharding(self.mesh, spec)
+
     def _step(self, state: TrainState, batch: Batch, task_index: jax.Array):
+        with sharding_hints.hints(self._resolve_activation):
+            return self._step_body(state, batch, task_index)
+
+    def _step_body(self, state: TrainState, batch: Batch, task_index: jax.Array):
         batch = self._constrain(batch)
         method = self.method
         key = jax.random.fold_in(state.rng, state.step)
@@ -172,9 +256,11 @@ class StepFns:
         del loop_key  # reserved for loop-side randomness (e.g. augmentation)
 
         def apply(params, x, task_ids):
+            x, task_ids = self._split_like_batch((x, task_ids))
             return self.model.apply(params, state.model_state, x, task_ids, train=True)[0]
 
         def task_loss(params, other: Batch):
+            other = self._split_like_batch(other)
             return self.objective.loss(self._forward(params, state.model_state, other)[0], other)
 
         ctx = StepContext(
@@ -218,7 +304,7 @@ class StepFns:
             rng=state.rng,
             step=state.step + 1,
         )
-        return new_state, StepMetrics(loss=loss)
+        return self._constrain_state(new_state), StepMetrics(loss=loss)
 
     def _train_step(self, state: TrainState, batch: Batch, task_index):
         return self._step(state, batch, jnp.asarray(task_index, jnp.int32))
@@ -287,7 +373,8 @@ class StepFns:
         def body(_, inputs):
             batch, ok = inputs
             batch = self._constrain(batch)
-            outputs = self.predict(params, model_state, memory, batch.x, batch.task_ids)
+            with sharding_hints.hints(self._resolve_activation):
+                outputs = self.predict(params, model_state, memory, batch.x, batch.task_ids)
             return None, self.objective.eval_sums(outputs, batch, ok)
 
         _, sums = jax.lax.scan(body, None, (data, valid))

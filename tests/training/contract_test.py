@@ -3,8 +3,9 @@
 For each name in `registered_methods()` (with default hyperparameters): it chains with SGD
 and Adam and trains to finite results; its jitted step does not recompile on later calls
 of the same shape; its whole train state (optimizer state and memory included)
-round-trips through an orbax checkpoint; 8 simulated devices give the same result as
-one; and it trains parameter-efficiently (LoRA / adapters / prompts from
+round-trips through an orbax checkpoint; 8 simulated devices as pod meshes (data x FSDP,
+data x FSDP x tensor) give the same result as one device (and `pod_hlo_test.py` checks
+the compiled sharded step); and it trains parameter-efficiently (LoRA / adapters / prompts from
 `clax.models.peft`, the base frozen by `clax.params.train_only`) leaving the base
 bit-identical. New methods are picked up automatically.
 """
@@ -84,17 +85,31 @@ def _keyless(tree):
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
+# Pod shapes on the 8 simulated devices: (data 2 x fsdp 4) and (data 2 x fsdp 2 x tensor 2).
+# `fsdp_min_size=1` so that even this tiny MLP's parameters, optimizer state and memory are
+# split (the default keeps arrays under 1024 elements replicated).
+POD_MESHES = {"2x4x1": (4, 1), "2x2x2": (2, 2)}
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_eight_devices_equal_one(method):
+def test_pod_meshes_equal_one_device(method):
     scenario = tiny_scenario()
-    runs = []
-    for n in (1, 8):
-        config = tiny_config(num_devices=n)
+    runs = {}
+    for name, (fsdp, tensor) in {"1": (1, 1), **POD_MESHES}.items():
+        config = tiny_config(num_devices=1 if name == "1" else 8, mesh_fsdp=fsdp,
+                             mesh_tensor=tensor, fsdp_min_size=1)
         config.method.name = method
-        runs.append(train_continual(config, scenario=scenario, keep_state=True))
-    np.testing.assert_allclose(runs[0].accuracy_matrix, runs[1].accuracy_matrix)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 runs[0].state.params, runs[1].state.params)
+        runs[name] = train_continual(config, scenario=scenario, keep_state=True)
+    one = runs.pop("1")
+    for name, run in runs.items():
+        np.testing.assert_allclose(one.accuracy_matrix, run.accuracy_matrix,
+                                   err_msg=f"{method} on mesh {name}")
+        # Float32 sums in another order (sharded reductions): a few ulps per step.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                     one.state.params, run.state.params)
+        split = [path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(run.state.params)
+                 if not x.sharding.is_fully_replicated]
+        assert split, f"{method} on mesh {name}: no parameter is split"
 
 
 # ------------------------------------------------------------------ parameter-efficient tuning

@@ -188,8 +188,19 @@ def test_model_data_shape_mismatch_names_both_shapes():
 
 
 def test_batch_must_divide_over_devices():
-    with pytest.raises(ValueError, match="divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="divisible by the 8 batch shards of the mesh"):
         train_continual(tiny_config(batch_size=30, num_devices=8), scenario=tiny_scenario())
+    # Only data x fsdp split the batch: 12 divides (2 data x 2 fsdp) x 2 tensor's 4 shards.
+    with pytest.raises(ValueError, match=r"batch_size=30 must be divisible by the 4 batch "
+                                         r"shards.*'data': 2, 'fsdp': 2, 'tensor': 2"):
+        train_continual(tiny_config(batch_size=30, num_devices=8, mesh_fsdp=2, mesh_tensor=2),
+                        scenario=tiny_scenario())
+
+
+def test_mesh_that_does_not_divide_the_devices():
+    with pytest.raises(ValueError, match=r"config.train.mesh_fsdp / mesh_tensor: mesh fsdp=3 "
+                                         r"x tensor=1 = 3 does not divide the 8 devices"):
+        train_continual(tiny_config(num_devices=8, mesh_fsdp=3), scenario=tiny_scenario())
 
 
 def test_callers_model_keeps_its_arrays():
