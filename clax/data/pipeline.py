@@ -98,7 +98,26 @@ def _first(batch: Examples) -> Examples:
     return Examples(*(jax.tree.map(lambda a: a[0], part) for part in batch))
 
 
-class ArraySource:
+class _RandomAccess:
+    """grain's random-access protocol over a subclass's ``_n`` examples and ``gather``."""
+
+    _n: int
+
+    def gather(self, indices: np.ndarray) -> Examples:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> Examples:
+        """Example `index` (grain's random-access protocol)."""
+        i = int(index)
+        if not -self._n <= i < self._n:
+            raise IndexError(f"example {i} is out of range for a source of {self._n} examples")
+        return _first(self.gather(np.asarray([i % self._n])))
+
+
+class ArraySource(_RandomAccess):
     """Examples ``(x[i], y[i], task_ids[i])`` of arrays (or pytrees of arrays).
 
     Args:
@@ -118,16 +137,6 @@ class ArraySource:
             raise ValueError(f"task_ids must be one int or ({n},) ints (one per example of x), "
                              f"got shape {np.shape(task_ids)}")
         self.x, self.y, self.task_ids, self._n = x, y, task_ids, n
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, index: int) -> Examples:
-        """Example `index` (grain's random-access protocol)."""
-        i = int(index)
-        if not -self._n <= i < self._n:
-            raise IndexError(f"example {i} is out of range for a source of {self._n} examples")
-        return _first(self.gather(np.asarray([i % self._n])))
 
     def gather(self, indices: np.ndarray) -> Examples:
         """The examples at `indices` (1-D) as a batch: one fancy-indexing read per array."""
@@ -172,7 +181,7 @@ class NpySource(ArraySource):
         super().__init__(load("x", x), load("y", y), task_ids)
 
 
-class TokenSource:
+class TokenSource(_RandomAccess):
     """A packed causal-LM corpus: example ``i`` is ``seq_len`` inputs and their next tokens.
 
     ``x[i] = row[:-1]`` and ``y[i] = row[1:]`` (int32) of token row ``i`` of length
@@ -223,16 +232,6 @@ class TokenSource:
         self.tokens, self.loss_mask, self.seq_len = tokens, loss_mask, int(seq_len)
         self.task_id = check_int("task_id", task_id, low=0)
         self._n = int(n)
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, index: int) -> Examples:
-        """Example `index` (grain's random-access protocol)."""
-        i = int(index)
-        if not -self._n <= i < self._n:
-            raise IndexError(f"example {i} is out of range for a source of {self._n} examples")
-        return _first(self.gather(np.asarray([i % self._n])))
 
     def _rows(self, a: Any, indices: np.ndarray) -> np.ndarray:
         if np.ndim(a) == 2:
