@@ -18,7 +18,7 @@ import ml_collections
 
 from clax import metrics as clax_metrics
 from clax.core import registered_methods
-from clax.training import default_config, train_continual
+from clax.training import default_config, distributed, train_continual
 
 
 def _names(value: str, what: str, valid) -> list[str]:
@@ -72,6 +72,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[dict
                          **result.summary,
                          "train_time_s": result.train_time_s})
     table = clax_metrics.results_table(rows)
+    if not distributed.is_main_process():  # every process ran every run; one writes
+        return rows
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")

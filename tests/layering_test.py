@@ -1,6 +1,6 @@
 """The package has layers with no back-edges and no import cycles (read from the source).
 
-    0  clax.typing, clax._validation                      foundation
+    0  clax.typing, clax._validation, clax._host          foundation
     1  clax.data, clax.models, clax.metrics               leaf libraries
     2  clax.core                                          the contract
     3  subspace, fisher, replay, analytic, transforms,    building blocks
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "clax"
 LAYERS = {
-    "typing": 0, "_validation": 0,
+    "typing": 0, "_validation": 0, "_host": 0,
     "data": 1, "models": 1, "metrics": 1,
     "core": 2,
     "subspace": 3, "fisher": 3, "replay": 3, "analytic": 3, "transforms": 3, "edits": 3,

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clax._host import to_host
 from clax._validation import check_int, check_positive_int, check_real
 from clax.analytic import prototypes as protos
 from clax.analytic import rls
@@ -123,9 +124,10 @@ class _Absorber:
                 return update(memory, model.features(params, model_state, x), y, mask)
 
             fn = self._cache[ctx.model] = jax.jit(absorb)
-        # One device: the same single-device computation whatever the run's mesh.
-        device = jax.devices()[0]
-        on_one = jax.device_put((memory, state.params, state.model_state), device)
+        # One device: the same single-device computation whatever the run's mesh (this
+        # process's first device; state split over other processes is gathered first).
+        device = jax.local_devices()[0]
+        on_one = jax.device_put(to_host((memory, state.params, state.model_state)), device)
         memory, params, model_state = on_one
         x, y = np.asarray(ctx.train.x), np.asarray(ctx.train.y, np.int32)
         # The last batch is padded (one compiled shape for every batch) and masked out.

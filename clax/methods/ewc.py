@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clax._host import to_host
 from clax._validation import check_choice, check_int
 from clax.core import (
     BoundaryContext,
@@ -75,9 +76,9 @@ def _fisher_fn(labels: str, granularity: str, normalization: str, batch_size: in
         if 0 < max_examples < n:
             idx = np.sort(np.asarray(jax.random.permutation(key_subset, n))[:max_examples])
             data = TrainArrays(*take(tuple(data), idx))
-        # On the default device: the run's state is replicated over its mesh, and the
-        # same single-device computation keeps results independent of the device count.
-        params, model_state = jax.device_get((state.params, state.model_state))
+        # On the host, then the default device: the same single-device computation keeps
+        # results independent of the mesh (parameters split over processes are gathered).
+        params, model_state = to_host((state.params, state.model_state))
         return diagonal_fisher(
             ctx.model, params, data, model_state=model_state, labels=labels,
             granularity=granularity, normalization=normalization, batch_size=batch_size,
@@ -191,7 +192,7 @@ def ewc_update_memory(
     ctx = BoundaryContext(task_index=0, tasks=(), train=train, model=fns,
                           objective=objective, rng=key)
     fisher, params = fisher_fn(state, ctx)
-    return consolidate_ewc(jax.device_get(memory), fisher, params, mode=mode, decay=decay)
+    return consolidate_ewc(to_host(memory), fisher, params, mode=mode, decay=decay)
 
 
 def _ewc_method(name: str, lam: float, mode: str, decay: float,

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from clax._host import to_host  # noqa: F401  (re-exported: the driver reads results here)
 from clax.typing import PyTree
 
 log = logging.getLogger("clax")
@@ -221,21 +222,6 @@ def process_block(sharding: Any, global_size: int) -> tuple[int, int] | None:
     if start % n_rows or not np.array_equal(rows, np.arange(start, start + n_rows)):
         return None
     return start // n_rows, int(global_size) // n_rows
-
-
-def to_host(tree: PyTree) -> PyTree:
-    """Numpy copies of `tree`'s leaves, for arrays that span other processes' devices too.
-
-    Fully replicated and process-local arrays are read locally (``jax.device_get``); a
-    sharded global array is all-gathered first (``multihost_utils.process_allgather``, a
-    collective: every process must call this with the same tree, as the loop does).
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        leaves = [multihost_utils.process_allgather(x, tiled=True)
-                  if _is_global(x) and not x.is_fully_replicated else x for x in leaves]
-    return jax.tree.unflatten(treedef, [np.asarray(x) for x in jax.device_get(leaves)])
 
 
 # ---------------------------------------------------------------------- preemption

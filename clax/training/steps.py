@@ -64,6 +64,18 @@ class StepMetrics(NamedTuple):
     loss: jax.Array  # total loss (task loss + method terms)
 
 
+def _to_global(x, sharding: NamedSharding):
+    """One leaf onto the run's (multi-process) mesh: a global array is resharded there;
+    a host or single-device value (a boundary hook's result, the same on every process)
+    is placed without a cross-process transfer (`distributed.host_to_global`)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = distributed.host_to_global(np.asarray(jax.random.key_data(x)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return distributed.host_to_global(np.asarray(jax.device_get(x)), sharding)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepFns:
     """Builds and caches the jitted functions of one run.
@@ -146,7 +158,9 @@ class StepFns:
         first.
         """
         shardings = self.set_state_shardings(state)
-        return self._copy_state(jax.device_put(state, shardings))
+        if jax.process_count() == 1:
+            return self._copy_state(jax.device_put(state, shardings))
+        return self._copy_state(jax.tree.map(_to_global, state, shardings))
 
     @functools.cached_property
     def _copy_state(self):
@@ -204,8 +218,12 @@ class StepFns:
             )
 
         shardings = self.set_state_shardings(jax.eval_shape(make, params, model_state))
-        params = jax.device_put(params, shardings.params)
-        model_state = jax.device_put(model_state, shardings.model_state)
+        if jax.process_count() == 1:
+            params = jax.device_put(params, shardings.params)
+            model_state = jax.device_put(model_state, shardings.model_state)
+        else:  # each process places its shards of the (identically initialised) model
+            params = jax.tree.map(_to_global, params, shardings.params)
+            model_state = jax.tree.map(_to_global, model_state, shardings.model_state)
         return jax.jit(make, out_shardings=shardings)(params, model_state)
 
     def _forward(self, params, model_state, batch: Batch):
