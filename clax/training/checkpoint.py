@@ -35,23 +35,35 @@ class Checkpointer:
     """Saves (state, meta) pairs under `directory`, numbered 0, 1, 2, ...
 
     `meta` is a JSON-serializable dict (data position, results so far). Saves are
-    synchronous and committed atomically by orbax (written to a temporary folder and
-    renamed), so an interrupted save never replaces the last good checkpoint.
+    committed atomically by orbax (written to a temporary folder and renamed), so an
+    interrupted save never replaces the last good checkpoint.
+
+    With ``async_save=True`` a save returns once the state is copied off the devices and
+    the files are written in the background while training goes on (the steps may then
+    donate the state's buffers); the next save, `latest`, `restore` and `close` wait for
+    it. A kill during the background write loses only that checkpoint.
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 2):
+    def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = False):
         self.directory = os.path.abspath(directory)
+        self.async_save = bool(async_save)
         self._manager = _Manager(
             self.directory,
             item_names=("state", "meta"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True,
+                max_to_keep=max_to_keep, enable_async_checkpointing=self.async_save,
+                create=True,
                 cleanup_tmp_directories=True,  # leftovers of a save interrupted by a crash
             ),
         )
 
+    def wait(self) -> None:
+        """Blocks until a background save (``async_save``) is committed."""
+        self._manager.wait_until_finished()
+
     def latest(self) -> int | None:
         """Number of the newest committed checkpoint, or None."""
+        self.wait()
         return self._manager.latest_step()
 
     def save(self, state: PyTree, meta: dict) -> int:
@@ -64,7 +76,8 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
         )
-        self._manager.wait_until_finished()
+        if not self.async_save:
+            self.wait()
         return number
 
     def restore(self, like: PyTree, number: int | None = None) -> tuple[PyTree, dict]:
@@ -73,6 +86,7 @@ class Checkpointer:
         `like` gives the tree structure, shapes, dtypes and shardings (e.g. a freshly
         initialised state); its values are not used.
         """
+        self.wait()
         number = self.latest() if number is None else number
         if number is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -86,4 +100,5 @@ class Checkpointer:
         return restored.state, restored.meta
 
     def close(self):
+        self.wait()
         self._manager.close()

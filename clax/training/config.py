@@ -55,7 +55,7 @@ from clax.data.text import TEXT_SCENARIOS
 _SIMPLE = (bool, int, float, str, tuple)
 # Keys of train/optimizer that may change when a run resumes (they do not change results).
 OPERATIONAL_KEYS = ("train.num_devices", "train.mesh_fsdp", "train.mesh_tensor",
-                    "train.fsdp_min_size",
+                    "train.fsdp_min_size", "train.async_checkpoints",
                     "train.checkpoints_to_keep", "train.eval_batch_size", "train.prefetch")
 
 
@@ -125,6 +125,8 @@ def default_config() -> ml_collections.ConfigDict:
             # Checkpoint every N steps (0: only at task boundaries). Needs a workdir.
             "checkpoint_every_steps": 0,
             "checkpoints_to_keep": 2,
+            # Write checkpoints in the background while training continues (orbax async).
+            "async_checkpoints": False,
             # True: each task's data lives on device and runs in compiled loops of steps.
             # False: batches are assembled on the host and fed step by step, by the grain
             # pipeline of clax.data.pipeline (data too large for the device, LM corpora).

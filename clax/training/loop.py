@@ -466,7 +466,8 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                            max_to_keep=tc.checkpoints_to_keep)
+                            max_to_keep=tc.checkpoints_to_keep,
+                            async_save=tc.async_checkpoints)
     run = _Run(
         config=config, scenario=scenario, method=method, objective=objective,
         model=fns_model, steps=steps,
@@ -736,8 +737,11 @@ def train_continual(
     with distributed.PreemptionWatch(enabled=run.ckpt is not None) as run.preemption:
         try:
             state, progress = _train_tasks(run, state)
-        except Preempted:
-            run.ckpt.close()
+        except BaseException:
+            # Preempted, an error or Ctrl-C: a background save in flight is committed
+            # (or fails) before the exception leaves; nothing half-written stays behind.
+            if run.ckpt is not None:
+                run.ckpt.close()
             raise
     return _finish(run, state, progress, workdir, keep_state)
 

@@ -73,7 +73,9 @@ def test_periodic_evaluation_records_curves():
     assert first_t1 > 14
 
 
-def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_checkpoints", [False, True])
+def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch,
+                                                          async_checkpoints):
     import jax.numpy as jnp
 
     from clax.core import Method
@@ -93,7 +95,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch)
     )
     scenario = tiny_scenario()
     config = tiny_config(checkpoint_every_steps=4, epochs_per_task=3, eval_every_steps=5,
-                         eval_subsample=30)
+                         eval_subsample=30, async_checkpoints=async_checkpoints)
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 0.01
     reference = train_continual(config, scenario=scenario, method=method, keep_state=True)
