@@ -12,9 +12,20 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from clax.typing import PyTree
+
+
+def _path(keys) -> str:
+    """A leaf's path as orbax stores it (every key a string; NamedTuple fields by name)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in keys)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 class _Manager(ocp.CheckpointManager):
@@ -49,7 +60,9 @@ class Checkpointer:
         self.async_save = bool(async_save)
         self._manager = _Manager(
             self.directory,
-            item_names=("state", "meta"),
+            # Handlers named up front, so a fresh manager can read a checkpoint's metadata.
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=self.async_save,
                 create=True,
@@ -90,6 +103,7 @@ class Checkpointer:
         number = self.latest() if number is None else number
         if number is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self._check_fits(number, like)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = self._manager.restore(
             number,
@@ -98,6 +112,37 @@ class Checkpointer:
             ),
         )
         return restored.state, restored.meta
+
+    def _check_fits(self, number: int, like: PyTree) -> None:
+        """One line naming the first leaf where checkpoint `number` and `like` differ."""
+        try:
+            saved = self._manager.item_metadata(number)["state"]
+        except Exception:  # noqa: BLE001  (no readable metadata: orbax's own error follows)
+            return
+        if saved is None:
+            return
+        disk = {_path(p): getattr(x, "shape", None)
+                for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+        here = {_path(p): np.shape(jax.random.key_data(x) if _is_key(x) else x)
+                for p, x in jax.tree_util.tree_leaves_with_path(like)}
+        problem = None
+        for path in here:
+            if path not in disk:
+                problem = f"{path} is not in the checkpoint"
+            elif disk[path] is not None and tuple(disk[path]) != tuple(here[path]):
+                problem = (f"{path} has shape {tuple(disk[path])} in the checkpoint, "
+                           f"{tuple(here[path])} in this run")
+            if problem:
+                break
+        if problem is None:
+            extra = sorted(set(disk) - set(here))
+            if extra:
+                problem = f"the checkpoint has {extra[0]}, which this run's state lacks"
+        if problem:
+            raise ValueError(
+                f"checkpoint {number} in {self.directory} does not fit this run's state: "
+                f"{problem} (written by another model, method or configuration; use "
+                "another --workdir)")
 
     def close(self):
         self.wait()

@@ -202,3 +202,21 @@ def test_state_shardings_of_abstract_state():
     shardings = state_shardings(abstract, mesh, rules=ShardingRules(fsdp_min_size=1),
                                 axes=steps.param_axes)
     assert jax.tree.structure(shardings) == jax.tree.structure(steps.state_sharding)
+
+
+def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    _, state, _ = _mlp_state(make_mesh(devices=jax.devices()[:1]))
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(state, {})
+    for widths, message in (((32,), r"params/head/kernel has shape \(16, 4\) in the "
+                                    r"checkpoint, \(32, 4\) in this run"),
+                            ((16, 16), r"params/layers/1/bias is not in the checkpoint")):
+        model = make_model("mlp", input_shape=(4, 4, 1), num_classes=4, widths=widths, seed=0)
+        fns, params, model_state = ModelFns.split(model)
+        m = make_method("ewc")
+        other = StepFns(fns, m, m.optimizer(optax.adam(1e-2)),
+                        make_mesh(devices=jax.devices()[:1]))
+        with pytest.raises(ValueError, match="checkpoint 0 in .* does not fit this run's "
+                                             "state: " + message):
+            ckpt.restore(other.init_state(params, model_state, 0))
+    ckpt.close()
