@@ -192,6 +192,13 @@ class ShardingRules:
                         "ShardingRules.logical")
                 dims[i] = axes[0] if len(axes) == 1 else axes
                 used.update(axes)
+        return self.fill_fsdp(shape, dims, mesh)
+
+    def fill_fsdp(self, shape: tuple[int, ...], dims: Sequence[Any], mesh: Mesh) -> P:
+        """`dims` (a spec's entries) with the FSDP rule applied if no entry uses ``fsdp``:
+        the largest free dimension divisible by it is split over it."""
+        dims = list(dims) + [None] * (len(shape) - len(dims))
+        used = {a for d in dims if d is not None for a in ((d,) if isinstance(d, str) else d)}
         fsdp = mesh.shape.get("fsdp", 1)
         if fsdp > 1 and "fsdp" not in used and math.prod(shape) >= self.fsdp_min_size:
             free = [i for i in range(len(shape)) if dims[i] is None and shape[i] % fsdp == 0]
@@ -254,7 +261,8 @@ def tree_specs(tree: PyTree, mesh: Mesh, *, params: PyTree | None = None,
                     return hit[1]
                 followed = _follow(shape, *hit)
                 if followed is not None:
-                    return followed
+                    # e.g. a basis following a kernel's "tensor" split is FSDP-split too.
+                    return rules.fill_fsdp(shape, tuple(followed), mesh)
         return rules.spec(shape, None, mesh, f"state leaf {path_str(p)}")
 
     return jax.tree_util.tree_map_with_path(one, tree)

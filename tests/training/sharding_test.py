@@ -75,8 +75,9 @@ def test_state_follows_parameters():
     got = tree_specs((opt, memory), mesh, params=params, specs_of_params=specs, rules=rules)
     adam = got[0][0]
     assert adam.mu == specs and adam.nu == specs and adam.count == P()
-    # A basis of w's output space follows w's "tensor" split; a buffer splits its examples.
-    assert got[1]["basis"]["w"]["vectors"] == P("tensor")
+    # A basis of w's output space follows w's "tensor" split (and takes "fsdp" on its
+    # other dimension); a buffer splits its examples.
+    assert got[1]["basis"]["w"]["vectors"] == P("tensor", "fsdp")
     assert got[1]["buffer"] == P("fsdp") and got[1]["count"] == P()
 
 
@@ -220,3 +221,16 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
                                              "state: " + message):
             ckpt.restore(other.init_state(params, model_state, 0))
     ckpt.close()
+
+
+def test_memory_following_a_tensor_split_is_also_fsdp_split():
+    # A (n, n) basis of a ("mlp", "embed") kernel follows its tensor split and takes the
+    # FSDP rule on its other dimension: memory per device falls with the pod size.
+    mesh = make_mesh(1, 2, 4)
+    rules = ShardingRules(fsdp_min_size=1)
+    params = {"down": np.zeros((64, 32))}
+    specs = param_specs(params, mesh, axes={("down",): ("mlp", "embed")}, rules=rules)
+    assert specs == {"down": P("tensor", "fsdp")}
+    memory = {"down": {"vectors": np.zeros((64, 64))}}
+    got = tree_specs(memory, mesh, params=params, specs_of_params=specs, rules=rules)
+    assert got["down"]["vectors"] == P("tensor", "fsdp")
