@@ -88,14 +88,24 @@ def _keyless(tree):
 # Pod shapes on the 8 simulated devices: (data 2 x fsdp 4) and (data 2 x fsdp 2 x tensor 2).
 # `fsdp_min_size=1` so that even this tiny MLP's parameters, optimizer state and memory are
 # split (the default keeps arrays under 1024 elements replicated).
+# The default suite runs every method on 2x2x2 (data, FSDP and tensor at once); the
+# 2x4x1 mesh for every method is in the slow suite, for a representative four by default.
 POD_MESHES = {"2x4x1": (4, 1), "2x2x2": (2, 2)}
+POD_DEFAULT = ("ewc", "gpm", "er", "ema")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_pod_meshes_equal_one_device(method):
+def _pod_cases():
+    for method in METHODS:
+        yield pytest.param(method, "2x2x2", id=f"{method}-2x2x2")
+        marks = () if method in POD_DEFAULT else (pytest.mark.slow,)
+        yield pytest.param(method, "2x4x1", id=f"{method}-2x4x1", marks=marks)
+
+
+@pytest.mark.parametrize(("method", "mesh"), list(_pod_cases()))
+def test_pod_meshes_equal_one_device(method, mesh):
     scenario = tiny_scenario()
     runs = {}
-    for name, (fsdp, tensor) in {"1": (1, 1), **POD_MESHES}.items():
+    for name, (fsdp, tensor) in {"1": (1, 1), mesh: POD_MESHES[mesh]}.items():
         config = tiny_config(num_devices=1 if name == "1" else 8, mesh_fsdp=fsdp,
                              mesh_tensor=tensor, fsdp_min_size=1)
         config.method.name = method

@@ -95,6 +95,7 @@ def test_two_processes_match_one_process(tmp_path):
         _check_against(tmp_path, name, reference)
 
 
+@pytest.mark.slow  # the default suite keeps the one-process SIGTERM test and two processes
 def test_two_processes_stop_together_on_sigterm_and_resume(tmp_path):
     # EWC host-fed (each process feeds its half of every batch). Process 1 alone gets
     # SIGTERM after its first checkpoint: both stop at the same checkpoint (JAX's
