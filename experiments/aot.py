@@ -388,7 +388,7 @@ def compile_report(settings: Settings, *, log=None) -> dict[str, Any]:
         row["lower_s"] = round(t1 - t0, 2)
         row["compile_s"] = round(t2 - t1, 2)
         log(f"  {name}: compiled in {row['compile_s']:.1f} s, total "
-            f"{_fmt(row['total'])} per device")
+            f"{format_bytes(row['total'])} per device")
         report["rows"].append(row)
     return report
 
@@ -410,9 +410,10 @@ def _parse_oom(message: str) -> dict[str, Any] | None:
             "hbm_available": sizes[1] if len(sizes) > 1 else None}
 
 
-def _fmt(n: int | None) -> str:
+def format_bytes(n: int | None, missing: str = "n/a") -> str:
+    """Bytes as B / KiB / MiB / GiB (`missing` for None)."""
     if n is None:
-        return "n/a"
+        return missing
     if abs(n) >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     if abs(n) >= 2**20:
@@ -435,9 +436,9 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if key == "method":
         return str(v)
     if "oom" in row and key == "temp":
-        return f"{_fmt(row.get('temp_required'))} needed"
+        return f"{format_bytes(row.get('temp_required'))} needed"
     if "oom" in row and key == "fits":
-        return f"**no** (compiler: {_fmt(row.get('hbm_available'))} usable)"
+        return f"**no** (compiler: {format_bytes(row.get('hbm_available'))} usable)"
     if "oom" in row and key in _COMPILED:
         return "-"
     if v is None:  # not compiled (--nocompile), or no figure from the compiler
@@ -446,7 +447,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return "yes" if v else "**no**"
     if key == "compile_s":
         return f"{v:.1f}"
-    return _fmt(v)
+    return format_bytes(v)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -456,7 +457,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"fsdp={m['fsdp']} tensor={m['tensor']}; {report['model']['preset']} "
              f"({report['model']['num_params'] / 1e9:.3f} B params), batch "
              f"{st['batch_size']} x {st['seq_len']}, {st['param_dtype']} params, "
-             f"{st['dtype']} compute; HBM per chip {_fmt(report['hbm_bytes'])}; "
+             f"{st['dtype']} compute; HBM per chip {format_bytes(report['hbm_bytes'])}; "
              "bytes per device",
              "",
              "| " + " | ".join(c for c, _ in _COLUMNS) + " |",

@@ -75,11 +75,10 @@ def test_sharded_step_hlo(method, finetune_gathers):
     want = steps.state_sharding
     for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(out_state),
                                      jax.tree.leaves(want), strict=True):
-        shape = None
         assert got.is_equivalent_to(expected, len(expected.spec) or 1) or (
             got.is_fully_replicated and expected.is_fully_replicated), (
             f"{method}: state leaf {jax.tree_util.keystr(path)} comes out as {got}, "
-            f"the rules give {expected} {shape}")
+            f"the rules give {expected}")
     split_memory = [x for x in jax.tree.leaves(want.memory) if not x.is_fully_replicated]
     memory_arrays = [x for x in jax.tree.leaves(state.memory) if np.ndim(x) >= 1
                      and np.size(x) > 1]

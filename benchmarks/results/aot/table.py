@@ -3,18 +3,16 @@
 import glob
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
+
+from experiments.aot import format_bytes  # noqa: E402
 
 
 def fmt(n):
-    if n is None:
-        return "-"
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if abs(n) >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{n} B"
+    return format_bytes(n, missing="-")
 
 
 def rows(prefix):
