@@ -200,13 +200,31 @@ class Method:
     predict: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"Method name must be a non-empty str, got {self.name!r}")
+        """Checks the fields: ``name`` a non-empty str, every hook callable.
+
+        ``optimizer``, ``init_memory`` and ``training_data`` are always called (their
+        defaults are no-ops), so None is refused there; the other hooks may be None.
+
+        Raises:
+            TypeError: ``name`` is not a str, or a hook is not callable (or is None where
+                one is required), naming the field.
+            ValueError: ``name`` is the empty string.
+        """
+        if not isinstance(self.name, str):
+            raise TypeError(f"Method name must be a non-empty str, got {self.name!r} "
+                            f"({type(self.name).__name__})")
+        if not self.name:
+            raise ValueError("Method name must be a non-empty str, got ''")
         for field in dataclasses.fields(self):
+            if field.name == "name":
+                continue
             value = getattr(self, field.name)
-            if field.name != "name" and value is not None and not callable(value):
-                raise TypeError(f"method {self.name!r}: {field.name} must be callable or None, "
-                                f"got {type(value).__name__}")
+            optional = field.default is None
+            if (value is None and not optional) or (value is not None and not callable(value)):
+                what = "callable or None" if optional else "callable" + (
+                    " (leave it unset for the default)" if value is None else "")
+                raise TypeError(f"method {self.name!r}: {field.name} must be {what}, got "
+                                f"{value!r} ({type(value).__name__})")
         hook = self.optimizer
         if hook is not plain:
             object.__setattr__(self, "optimizer", _checked_optimizer(self.name, hook))

@@ -104,6 +104,16 @@ def ssd_apply(params: PyTree, fisher_full: PyTree, fisher_forget: PyTree, alpha:
             jax.tree.unflatten(treedef, [c for _, c in pairs]))
 
 
+def _refuse_tracers(**args: Any) -> None:
+    """A TypeError naming the first argument with a traced leaf (ssd_dampen under jit)."""
+    for name, tree in args.items():
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree)):
+            raise TypeError(
+                f"ssd_dampen got a traced {name}: it is a one-shot host-side edit (it checks "
+                "the Fisher on the host and returns a report of Python ints); call it outside "
+                "jax.jit / vmap / grad, or use clax.edits.ssd_apply inside jitted code")
+
+
 def ssd_dampen(
     params: PyTree,
     fisher_full: PyTree,
@@ -113,6 +123,11 @@ def ssd_dampen(
     lam: float = 1.0,
 ) -> tuple[PyTree, SSDReport]:
     """Selective synaptic dampening of `params` (see the module docstring for the rule).
+
+    A one-shot, host-side edit: it checks the Fisher values on the host and returns a
+    report of Python ints, so call it outside ``jax.jit`` (it is jitted inside). Traced
+    arguments raise a ``TypeError``; in jitted code use :func:`ssd_apply`, the same edit as
+    a pure function (no checks, the counts as arrays).
 
     Args:
         params: Parameter tree (all of it is edited: kernels, biases, norms, head).
@@ -126,11 +141,14 @@ def ssd_dampen(
         bit-identical) and an :class:`SSDReport` of dampened entries per path.
 
     Raises:
-        TypeError: On a non-number ``α`` or ``λ``.
+        TypeError: On a non-number ``α`` or ``λ``; when called inside a jax transformation
+            (``jit``, ``vmap``, ``grad``: an argument is a tracer).
         ValueError: On ``α`` or ``λ`` not finite and > 0; on a Fisher whose structure or
             shapes differ from params, or with negative or non-finite entries (naming the
             leaf path).
     """
+    _refuse_tracers(params=params, fisher_full=fisher_full, fisher_forget=fisher_forget,
+                    alpha=alpha, lam=lam)
     alpha = _check_positive("alpha", alpha)
     lam = _check_positive("lam", lam)
     check_fisher(fisher_full, params, name="fisher_full")

@@ -90,7 +90,7 @@ def _gradient_unlearner(name: str, forget_loss, *, forget_weight: float, retain_
     geometry = check_choice("gu_geometry", gu_geometry, _GEOMETRIES)
     k = check_positive_int("gu_k", gu_k)
     b2 = check_real("gu_b2", gu_b2, 0.0, 1.0, low_open=False, high_open=True)
-    eps = _weight("gu_eps", gu_eps)
+    eps = check_real("gu_eps", gu_eps, 0.0, math.inf, low_open=True, high_open=True)
 
     if not gu:
         def loss(params, forget: Batch, retain: Batch, ctx: UnlearnStepContext) -> jax.Array:

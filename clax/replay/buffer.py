@@ -20,6 +20,11 @@ inserting the examples one at a time, in batch order, with the random draws each
 global batch, so the buffer (replicated) is the same on every device and equal to a run on
 one device.
 
+Inserted values are cast to the buffer's dtypes, except casts that change integer values:
+a float value for an integer field (labels, token ids, task ids) is refused from its dtype
+(so inside jit too), and concrete integer values outside the field's range (300 into
+``int8`` storage) are refused outside jit; traced values are not range checked.
+
 Empty buffers: inside jit nothing can raise, so :func:`sample` on a buffer with no eligible
 slot returns rows of slot 0 (zeros) with ``weight = 0``; callers multiply their replay
 loss by ``weight``. Called eagerly (outside jit) on an empty buffer it raises ValueError
@@ -203,6 +208,35 @@ def capacity_of(state: BufferState) -> int:
 # ------------------------------------------------------------------------ input checks
 
 
+def _cast(name: str, value: Any, dtype: Any) -> jax.Array:
+    """``value`` as ``dtype``, refusing the casts that silently change integer values.
+
+    Into an integer field: a float (or complex) value is refused from its dtype alone, so
+    at trace time too; a concrete (not traced) integer value must fit the field's range
+    (``int8`` storage receiving 300 would wrap). Traced values are not range checked.
+    """
+    dtype = np.dtype(dtype)
+    traced = isinstance(value, jax.core.Tracer)
+    if not (traced or hasattr(value, "dtype")):
+        value = np.asarray(value)  # a Python scalar or list
+    src = np.dtype(value.dtype)
+    # Range checks read the values: not for tracers nor arrays spread over processes.
+    concrete = not traced and getattr(value, "is_fully_addressable", True)
+    if np.issubdtype(dtype, np.integer):
+        if not (np.issubdtype(src, np.integer) or src == np.bool_):
+            raise TypeError(f"{name} has dtype {src}, but this buffer stores it as {dtype}: "
+                            f"casting would truncate it; pass {dtype} (or other integer) "
+                            "values")
+        if concrete and np.size(value) and not np.can_cast(src, dtype, "safe"):
+            low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+            lo, hi = int(np.min(value)), int(np.max(value))
+            if lo < low or hi > high:
+                raise ValueError(f"{name} has values in [{lo}, {hi}], outside the range "
+                                 f"[{low}, {high}] of the buffer's {dtype} storage (they would "
+                                 "wrap)")
+    return jnp.asarray(value, dtype)
+
+
 def _checked_part(name: str, what: str, values: PyTree, store: PyTree, n: int) -> PyTree:
     """`values` (``batch.x`` or ``batch.y``) checked against the buffer's `store` and cast
     to its dtypes; every leaf must be ``(n, *stored leaf shape)``."""
@@ -216,7 +250,7 @@ def _checked_part(name: str, what: str, values: PyTree, store: PyTree, n: int) -
         if np.shape(value) != want:
             raise ValueError(f"{leaf} has shape {np.shape(value)}; this buffer stores {what} "
                              f"of shape {slot.shape[1:]}, so {leaf} must be {want}")
-        return jnp.asarray(value, slot.dtype)
+        return _cast(leaf, value, slot.dtype)
 
     return jax.tree_util.tree_map_with_path(check, store, values)
 
@@ -247,12 +281,13 @@ def _checked_inputs(
             raise ValueError(f"this buffer stores model outputs: pass logits of shape {want}")
         if np.shape(logits) != want:
             raise ValueError(f"logits must have shape {want}, got {np.shape(logits)}")
-        logits = jax.lax.stop_gradient(jnp.asarray(logits, state.logits.dtype))
+        logits = jax.lax.stop_gradient(_cast("logits", logits, state.logits.dtype))
     if mask is None:
         mask = jnp.ones((n,), bool)
     elif np.shape(mask) != (n,):
         raise ValueError(f"mask must have shape ({n},), got {np.shape(mask)}")
-    return Batch(x=x, y=y, task_ids=jnp.asarray(t, jnp.int32)), logits, jnp.asarray(mask, bool)
+    t = _cast("batch.task_ids", t, jnp.int32)
+    return Batch(x=x, y=y, task_ids=t), logits, jnp.asarray(mask, bool)
 
 
 # ------------------------------------------------------------------------ writing
@@ -344,7 +379,11 @@ def reservoir_insert(
         The new state.
 
     Raises:
-        ValueError: On shapes that do not match the buffer (at trace time).
+        TypeError: On a float value for an integer field of the buffer (e.g. float labels
+            for int labels; checked from the dtype, so at trace time too).
+        ValueError: On shapes that do not match the buffer (at trace time); on concrete
+            (not traced) integer values outside the range of their field's dtype (300 for
+            ``int8`` storage; they would wrap).
     """
     batch, logits, mask = _checked_inputs(state, batch, logits, mask)
     c = capacity_of(state)
@@ -425,8 +464,10 @@ def balanced_insert(
         The new state.
 
     Raises:
+        TypeError: On a float value for an integer field (as :func:`reservoir_insert`).
         ValueError: On a buffer without groups, a bad ``by``, ``by="label"`` on a buffer
-            whose targets are not scalar int labels, or shapes that do not match.
+            whose targets are not scalar int labels, shapes that do not match, or
+            concrete integer values that do not fit their field's dtype.
     """
     if state.group_seen is None:
         raise ValueError("balanced_insert needs a buffer made with init_buffer(num_groups=...)")

@@ -92,6 +92,10 @@ def _check_retain(forget: PyTree, retain: PyTree, *, stacked: bool) -> int:
             )
         if stacked:
             k = rs[0]
+    if k == 0:
+        raise ValueError(
+            "retain_grads must stack k >= 1 per-example retain gradients on a leading axis "
+            "(subspace='span'), got k=0 (every leaf has a leading axis of length 0)")
     return 1 if k is None else k
 
 
@@ -184,18 +188,19 @@ def geometric_disentanglement(
         updates, state = tx.update(g_f, state, params, retain_grads=g_r)
 
     Args:
-        gamma: Weight ``γ`` of the projected forget gradient (GU default 1).
-        alpha: Weight ``α`` of the retain gradient (GU default 1; 0 = projection only).
+        gamma: Weight ``γ >= 0`` of the projected forget gradient (GU default 1).
+        alpha: Weight ``α >= 0`` of the retain gradient (GU default 1; 0 = projection
+            only).
         subspace: ``"mean"`` (rank 1, GU's ``geometric.py``; ``retain_grads`` shaped like
             the params) or ``"span"`` (rank k, ``orthograd.py``; each ``retain_grads``
             leaf has a leading axis of k per-example gradients).
         geometry: ``"euclidean"`` or ``"adam"`` (see above).
-        b2: Second-moment decay of the downstream Adam (``"adam"`` geometry).
-        eps: Adam's epsilon (``"adam"`` geometry).
+        b2: Second-moment decay of the downstream Adam, in ``[0, 1)`` (``"adam"`` geometry).
+        eps: Adam's epsilon, ``> 0`` (``"adam"`` geometry).
         tolerance: Relative residual below which a per-example retain gradient counts as
             dependent (``"span"``).
-        projection_eps: Floor ``ε_p`` of ``‖ĝ_r‖²`` in the rank-1 coefficient (GU: 1e-12);
-            a zero retain gradient leaves the forget gradient unchanged.
+        projection_eps: Floor ``ε_p > 0`` of ``‖ĝ_r‖²`` in the rank-1 coefficient (GU:
+            1e-12); a zero retain gradient leaves the forget gradient unchanged.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` with
@@ -204,9 +209,12 @@ def geometric_disentanglement(
 
     Raises:
         TypeError: On a hyperparameter of the wrong type (e.g. a str ``gamma``).
-        ValueError: On bad hyperparameters; at update time on a missing ``retain_grads``,
-            a tree structure that differs from the forget gradients', or a leaf of the
-            wrong shape (naming the leaf path).
+        ValueError: On a hyperparameter that is not finite or out of range (``gamma``,
+            ``alpha``, ``tolerance >= 0``; ``eps``, ``projection_eps > 0``;
+            ``0 <= b2 < 1``); at update time on a missing ``retain_grads``, a tree
+            structure that differs from the forget gradients', a leaf of the wrong shape
+            (naming the leaf path), or, with ``"span"``, ``k = 0`` stacked retain
+            gradients.
 
     References:
         Zhou et al., "Geometric Disentanglement for Machine Unlearning",
@@ -214,13 +222,14 @@ def geometric_disentanglement(
     """
     check_choice("subspace", subspace, _SUBSPACES)
     check_choice("geometry", geometry, _GEOMETRIES)
-    gamma = check_real("gamma", gamma, -math.inf, math.inf, low_open=True, high_open=True)
-    alpha = check_real("alpha", alpha, -math.inf, math.inf, low_open=True, high_open=True)
-    b2 = check_real("b2", b2, 0.0, 1.0, low_open=False, high_open=True)
-    eps, tolerance, projection_eps = (
+    gamma, alpha, tolerance = (
         check_real(name, value, 0.0, math.inf, low_open=False, high_open=True)
-        for name, value in (("eps", eps), ("tolerance", tolerance),
-                            ("projection_eps", projection_eps)))
+        for name, value in (("gamma", gamma), ("alpha", alpha), ("tolerance", tolerance)))
+    b2 = check_real("b2", b2, 0.0, 1.0, low_open=False, high_open=True)
+    # Both are divisors' floors: 0 turns a zero retain gradient / second moment into NaN.
+    eps, projection_eps = (
+        check_real(name, value, 0.0, math.inf, low_open=True, high_open=True)
+        for name, value in (("eps", eps), ("projection_eps", projection_eps)))
     adam = geometry == "adam"
     stacked = subspace == "span"
 

@@ -73,19 +73,39 @@ def bases_by_path(bases: Any) -> dict[str, SubspaceBasis]:
 
 
 def _as_matrix(name: str, g: jax.Array, basis: SubspaceBasis) -> tuple[int, int]:
-    """``(n, cols)`` such that ``g.reshape(n, cols)`` puts the basis axis first."""
-    n = basis.vectors.shape[0]
-    prefix = 1
-    for d in g.shape[:-1]:
-        prefix *= d
-        if prefix == n:
-            return n, math.prod(g.shape) // n
-    raise ValueError(
-        f"basis for parameter {name!r} does not fit it: basis.vectors has shape "
-        f"{tuple(basis.vectors.shape)} (n={n}), but the parameter has shape {tuple(g.shape)}; "
-        f"n must equal the fan-in (in for a Dense kernel (in, out), kh*kw*in for a conv "
-        f"kernel (kh, kw, in, out))"
-    )
+    """``(n, cols)``: the leaf read as its ``(fan-in, out)`` matrix, checked against the basis.
+
+    The basis acts on the input-feature axis: ``n`` must be the product of every axis but
+    the last (``in`` for a Dense kernel ``(in, out)``, ``kh·kw·in`` for a conv kernel
+    ``(kh, kw, in, out)``). A basis whose length only matches a leading axis (``kh`` or
+    ``kh·kw`` of a conv kernel) is refused, not projected along that axis. A concrete rank
+    must lie in ``[0, capacity]`` (a traced one cannot be checked).
+    """
+    if jnp.ndim(basis.vectors) != 2:
+        raise ValueError(f"basis for parameter {name!r} must have vectors of shape (n, "
+                         f"capacity), got {tuple(jnp.shape(basis.vectors))}")
+    n, capacity = (int(d) for d in basis.vectors.shape)
+    fan_in = math.prod(g.shape[:-1])
+    if g.ndim < 2 or n != fan_in:
+        expected = (f"the fan-in {fan_in} (the product of every axis but the last: in for "
+                    "a Dense kernel (in, out), kh*kw*in for a conv kernel (kh, kw, in, out))"
+                    if g.ndim >= 2 else "a leaf with >= 2 dims (a Dense or conv kernel)")
+        raise ValueError(
+            f"basis for parameter {name!r} does not fit it: basis.vectors has shape "
+            f"{tuple(basis.vectors.shape)} (basis dimension n={n}), but the parameter has "
+            f"shape {tuple(g.shape)}; n must equal {expected}"
+        )
+    rank = basis.rank
+    if not isinstance(rank, jax.core.Tracer):
+        if jnp.shape(rank) != ():
+            raise ValueError(f"basis for parameter {name!r}: rank must be a scalar, got "
+                             f"shape {jnp.shape(rank)}")
+        r = int(rank)
+        if not 0 <= r <= capacity:
+            raise ValueError(f"basis for parameter {name!r}: rank must be in [0, capacity]"
+                             f" = [0, {capacity}] (the basis holds {capacity} columns), got "
+                             f"{r}")
+    return n, math.prod(g.shape) // n
 
 
 def bucket_sizes(capacity: int, rank_buckets: int) -> tuple[int, ...]:
@@ -201,8 +221,10 @@ def subspace_projection(
         TypeError: On a non-int ``rank_buckets``.
         ValueError: On ``rank_buckets < 1``; at update time, if ``bases`` is missing,
             names a path that is neither a leaf of the updates nor masked out in them
-            (``optax.MaskedNode``), or has a basis whose dimension
-            does not fit its leaf (the path and both shapes are named).
+            (``optax.MaskedNode``), or has a basis whose dimension ``n`` is not its leaf's
+            fan-in (the product of every axis but the last; the path, ``n`` and the
+            expected fan-in are named), or a concrete rank outside ``[0, capacity]``
+            (traced ranks are not checked).
 
     Examples:
         >>> import jax.numpy as jnp, optax, clax.subspace as cs

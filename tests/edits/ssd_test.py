@@ -92,6 +92,23 @@ def test_bad_input():
         ssd_dampen(params, full, nan)
 
 
+def test_under_jit_it_says_it_is_host_side_and_ssd_apply_is_the_jittable_edit():
+    # Under jit it used to fail deep inside with a ConcretizationTypeError (int(count)), or
+    # with "alpha must be a finite number > 0, got JitTracer" for a traced alpha.
+    from clax.edits import ssd_apply
+
+    params, full, forget = _random_case(1)
+    with pytest.raises(TypeError, match=r"ssd_dampen got a traced params: it is a one-shot "
+                                        r"host-side edit.*outside jax.jit.*ssd_apply"):
+        jax.jit(lambda p: ssd_dampen(p, full, forget)[0])(params)
+    with pytest.raises(TypeError, match="ssd_dampen got a traced alpha"):
+        jax.jit(lambda a: ssd_dampen(params, full, forget, alpha=a)[0])(10.0)
+    new, report = ssd_dampen(params, full, forget)
+    jitted, counts = jax.jit(ssd_apply)(params, full, forget, 10.0, 1.0)
+    jax.tree.map(np.testing.assert_array_equal, jitted, new)
+    assert sum(int(c) for c in jax.tree.leaves(counts)) == report.num_dampened
+
+
 def test_per_example_fisher_bounds_the_selection():
     """With the exact per-example, mean-normalised Fisher over ``D ⊇ D_f``,
     ``F_D >= (|D_f|/|D|)·F_f`` entry-wise, so ``α > |D|/|D_f|`` selects nothing while the

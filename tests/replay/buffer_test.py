@@ -461,3 +461,42 @@ def test_token_buffer_orbax_round_trip(tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored, state)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_float_values_for_integer_fields_are_refused(jit):
+    # Float labels used to be cast silently into the int32 label field (1.7 -> 1), float
+    # task ids too; the dtype is known at trace time, so jit refuses them as well.
+    state = init_buffer(4, (2,))
+    insert = jax.jit(reservoir_insert) if jit else reservoir_insert
+    x, t = np.zeros((3, 2), np.float32), np.zeros(3, np.int32)
+    with pytest.raises(TypeError, match=r"^batch.y has dtype float32, but this buffer "
+                                        r"stores it as int32"):
+        insert(state, Batch(x, np.array([0.0, 1.7, 2.0], np.float32), t), jax.random.key(0))
+    with pytest.raises(TypeError, match=r"^batch.task_ids has dtype float(32|64).*as int32"):
+        insert(state, Batch(x, np.zeros(3, np.int32), np.zeros(3)), jax.random.key(0))
+    tokens = init_buffer(4, example=Batch(x={"ids": _SDS((2,), jnp.int32)}, y=_SDS((), jnp.int32),
+                                          task_ids=_SDS((), jnp.int32)), num_groups=2)
+    with pytest.raises(TypeError, match=r"^batch.x\['ids'\] has dtype float32"):
+        balanced_insert(tokens, Batch({"ids": x}, np.zeros(3, np.int32), t), jax.random.key(0),
+                        by="task")
+
+
+def test_integer_values_that_do_not_fit_the_field_are_refused():
+    # int8 storage receiving 300 used to wrap to 44; in-range values of a wider dtype (numpy
+    # int64) and bools are still accepted.
+    example = Batch(x=_SDS((2,), jnp.float32), y=_SDS((), jnp.int8), task_ids=_SDS((), jnp.int32))
+    state = init_buffer(4, example=example)
+    x, t = np.zeros((2, 2), np.float32), np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match=r"^batch.y has values in \[1, 300\], outside the range "
+                                         r"\[-128, 127\] of the buffer's int8 storage"):
+        reservoir_insert(state, Batch(x, np.array([1, 300]), t), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"batch.y has values in \[-200, 3\]"):
+        reservoir_insert(state, Batch(x, jnp.array([-200, 3]), t), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"^batch.task_ids has values in \[0, 4294967296\]"):
+        reservoir_insert(state, Batch(x, np.array([1, 2]), np.array([0, 2**32])),
+                         jax.random.key(0))
+    state = reservoir_insert(state, Batch(x, np.array([-128, 127]), np.array([True, False])),
+                             jax.random.key(0))
+    np.testing.assert_array_equal(stored(state)["y"], [-128, 127])
+    assert stored(state)["y"].dtype == np.int8

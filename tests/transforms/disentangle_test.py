@@ -182,14 +182,43 @@ def test_errors_name_the_argument_and_leaf():
         span.update(g, span.init(g), None, retain_grads=g)
     for kwargs, msg in [({"subspace": "rank2"}, r"subspace must be one of \['mean', 'span'\]"),
                         ({"geometry": "sgd"}, "geometry"), ({"b2": 1.0}, "b2"),
-                        ({"eps": -1e-8}, "eps must be a finite number >= 0")]:
+                        ({"eps": -1e-8}, "eps must be a finite number > 0")]:
         with pytest.raises(ValueError, match=msg):
             geometric_disentanglement(**kwargs)
-    for kwargs, msg in [({"gamma": "1"}, r"gamma must be a finite number, got '1' \(str\)"),
+    for kwargs, msg in [({"gamma": "1"}, r"gamma must be a finite number >= 0, got '1' \(str\)"),
                         ({"subspace": None}, "subspace must be one of"),
                         ({"alpha": True}, "alpha must be a finite number")]:
         with pytest.raises(TypeError, match=msg):
             geometric_disentanglement(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["gamma", "alpha", "b2", "eps", "tolerance",
+                                  "projection_eps"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_float_hyperparameters_must_be_finite_and_in_range(name, bad):
+    # gamma=nan (or a negative weight, eps=-1, ...) used to build a transform whose
+    # updates were NaN (or pointed the wrong way); it is refused at construction.
+    with pytest.raises(ValueError, match=rf"^{name} must be a (finite number|number in).*"
+                                         rf"got {bad}$"):
+        geometric_disentanglement(**{name: bad})
+
+
+@pytest.mark.parametrize("name", ["eps", "projection_eps"])
+def test_zero_floors_are_refused(name):
+    # A zero floor divides by zero: a zero retain gradient (mean) or second moment (adam)
+    # gave NaN updates.
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number > 0, got 0.0$"):
+        geometric_disentanglement(**{name: 0.0})
+
+
+def test_span_with_zero_stacked_retain_gradients_is_refused():
+    # k = 0 per-example gradients used to fail in the reshape with "integer modulo by zero".
+    g = _tree(np.random.default_rng(8))
+    tx = geometric_disentanglement(subspace="span")
+    empty = jax.tree.map(lambda a: jnp.zeros((0, *a.shape)), g)
+    with pytest.raises(ValueError, match=r"retain_grads must stack k >= 1 per-example .*"
+                                         r"\(subspace='span'\), got k=0"):
+        tx.update(g, tx.init(g), None, retain_grads=empty)
 
 
 def test_inside_train_only_projects_over_the_trainable_leaves():

@@ -237,3 +237,24 @@ def test_inside_train_only_projects_trainable_kernels_and_ignores_frozen_bases(j
     # And a basis at a trainable kernel must still fit it.
     with pytest.raises(ValueError, match=r"'dense/kernel'.*\(5, 5\).*\(6, 3\)"):
         update(grads, {"dense": {"kernel": empty_basis(5)}})
+
+
+@pytest.mark.parametrize("n", [2, 4])  # kh, kh*kw: leading axes of the (2, 2, 3, 4) kernel
+def test_basis_matching_a_leading_conv_axis_is_refused(setup, n):
+    # A basis must act on the fan-in kh*kw*in = 12; one of length kh or kh*kw used to be
+    # accepted and projected along that axis.
+    grads, _ = setup
+    tx = subspace_projection()
+    with pytest.raises(ValueError, match=rf"'conv/kernel'.*basis dimension n={n}.*"
+                                         r"\(2, 2, 3, 4\); n must equal the fan-in 12"):
+        tx.update(grads, tx.init(grads), bases={"conv": {"kernel": random_basis(0, n, n, 1)}})
+
+
+@pytest.mark.parametrize("rank", [4, -1])
+def test_rank_outside_the_basis_capacity_is_refused(setup, rank):
+    grads, _ = setup
+    tx = subspace_projection()
+    basis = SubspaceBasis(random_basis(0, 6, 3, 3).vectors, jnp.asarray(rank, jnp.int32))
+    with pytest.raises(ValueError, match=rf"'dense/kernel': rank must be in \[0, capacity\] "
+                                         rf"= \[0, 3\].*got {rank}"):
+        tx.update(grads, tx.init(grads), bases={"dense": {"kernel": basis}})
