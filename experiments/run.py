@@ -32,6 +32,13 @@ flags.DEFINE_bool("distributed", False, "Multi-process run; detect the cluster (
 flags.DEFINE_string("coordinator_address", None, "Multi-process run: HOST:PORT of process "
                     "0's coordinator (the same on every process).")
 flags.DEFINE_integer("num_processes", None, "Multi-process run: the number of processes.")
+flags.DEFINE_list("allow_config_change", [], "Config keys (dotted, comma-separated, e.g. "
+                  "optimizer.learning_rate) that may differ from the workdir's config when "
+                  "resuming, to recover a diverged run from its last good checkpoint; each "
+                  "change is recorded in the workdir (config_changes.json, metrics.json).")
+flags.DEFINE_integer("resume_from_checkpoint", None, "Resume from this checkpoint number "
+                     "instead of the newest (newer ones are moved to checkpoints.set_aside/, "
+                     "kept), e.g. the last one before a divergence.")
 flags.DEFINE_integer("process_id", None, "Multi-process run: this process's id, in "
                      "[0, num_processes).")
 
@@ -108,6 +115,7 @@ def main(argv):
     from clax import metrics as clax_metrics
     from clax.training import NonFiniteLossError, train_continual
     from clax.training.loop import Preempted
+    from clax.training.workdir import WorkdirInUseError
     from experiments.compare import run_comparison
 
     main_process = jax.process_index() == 0
@@ -118,12 +126,15 @@ def main(argv):
         if "compare" in config:
             run_comparison(config, FLAGS.workdir)
             return
-        result = train_continual(config, FLAGS.workdir)
+        result = train_continual(config, FLAGS.workdir,
+                                 allow_config_change=FLAGS.allow_config_change,
+                                 resume_from_checkpoint=FLAGS.resume_from_checkpoint)
     except Preempted as e:
         if main_process:
             print(e, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NonFiniteLossError,
+            WorkdirInUseError) as e:
         if FLAGS.traceback:
             raise
         sys.exit(f"error: {e}\n(rerun with --traceback for the full stack)")
@@ -134,6 +145,7 @@ def main(argv):
            "train_time_s": result.train_time_s}
     print()
     print(clax_metrics.results_table([row]))
+
 
 
 if __name__ == "__main__":

@@ -203,9 +203,31 @@ def load_idx(root: str | os.PathLike[str], *, name: str = "idx") -> Dataset:
                 f"{_IDX_FILES[key]} in {str(root)!r} must hold (N,) integer labels, got "
                 f"{y.shape} of {y.dtype}"
             )
-    return _make_dataset(
+    dataset = _make_dataset(
         images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"], None, name
     )
+    _check_idx_labels(arrays["y_train"], arrays["y_test"], root)
+    return dataset
+
+
+def _check_idx_labels(y_train: np.ndarray, y_test: np.ndarray, root: Path) -> None:
+    """Refuses label files that cannot be class labels (a valid header over other bytes).
+
+    Classes are ``0 .. max(label)``: most of them must have training examples and every
+    test label must occur in training, else the files are not a label set.
+    """
+    where = f"{_IDX_FILES['y_train']} / {_IDX_FILES['y_test']} in {str(root)!r}"
+    if min(y_train.min(initial=0), y_test.min(initial=0)) < 0:
+        raise ValueError(f"{where}: labels must be >= 0")
+    num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    empty = num_classes - len(np.unique(y_train))
+    unseen = np.setdiff1d(np.unique(y_test), np.unique(y_train))
+    if 2 * empty > num_classes or len(unseen):
+        raise ValueError(
+            f"{where} do not look like class labels: labels up to {num_classes - 1} give "
+            f"{num_classes} classes, {empty} of them without a training example, and "
+            f"{len(unseen)} test label value(s) never seen in training (corrupt or not a "
+            "label file?)")
 
 
 def load_fashion_mnist(root: str | os.PathLike[str] = DEFAULT_FASHION_MNIST_DIR) -> Dataset:

@@ -5,6 +5,7 @@ The top layer of clax: it imports the contract (`clax.core`), the registered met
 below imports it.
 """
 
+from clax.training.checkpoint import CorruptCheckpointError
 from clax.training.config import (
     build_method,
     build_model,
@@ -13,7 +14,8 @@ from clax.training.config import (
     build_scenario,
     default_config,
 )
-from clax.training.loop import NonFiniteLossError, Progress, RunResult, train_continual
+from clax.training.health import NonFiniteLossError, NonFiniteStateError
+from clax.training.loop import Progress, RunResult, train_continual
 from clax.training.sharding import (
     ShardingRules,
     data_mesh,
@@ -25,15 +27,20 @@ from clax.training.steps import StepFns, StepMetrics
 
 # The unlearning driver is `clax.training.unlearn.unlearn` (the submodule keeps its name).
 from clax.training.unlearn import UnlearnResult, default_unlearn_config
+from clax.training.workdir import WorkdirInUseError, WorkdirLock
 
 __all__ = [
+    "CorruptCheckpointError",
     "NonFiniteLossError",
+    "NonFiniteStateError",
     "Progress",
     "RunResult",
     "ShardingRules",
     "StepFns",
     "StepMetrics",
     "UnlearnResult",
+    "WorkdirInUseError",
+    "WorkdirLock",
     "build_method",
     "build_model",
     "build_objective",

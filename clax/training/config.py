@@ -40,7 +40,7 @@ from ml_collections.config_dict import placeholder
 import clax.methods  # noqa: F401  (the driver registers every method explicitly)
 from clax import data as clax_data
 from clax import models as clax_models
-from clax._validation import check_int
+from clax._validation import check_bool, check_int, check_real
 from clax.core import (
     Classification,
     LanguageModeling,
@@ -54,9 +54,12 @@ from clax.data.text import TEXT_SCENARIOS
 
 _SIMPLE = (bool, int, float, str, tuple)
 # Keys of train/optimizer that may change when a run resumes (they do not change results).
+# Changing them may move results by float rounding (another mesh, chunking of the
+# compiled loop of steps, the device-resident or host-fed data path), not by more.
 OPERATIONAL_KEYS = ("train.num_devices", "train.mesh_fsdp", "train.mesh_tensor",
                     "train.fsdp_min_size", "train.async_checkpoints",
-                    "train.checkpoints_to_keep", "train.eval_batch_size", "train.prefetch")
+                    "train.checkpoints_to_keep", "train.eval_batch_size", "train.prefetch",
+                    "train.checkpoint_every_steps", "train.device_resident")
 
 
 def defaults_section(params: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -149,23 +152,61 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# config.train's integer settings and their lowest valid value (checked in one place).
+_TRAIN_INTS = {
+    "epochs_per_task": 1, "batch_size": 1, "eval_batch_size": 1, "eval_every_steps": 0,
+    "checkpoint_every_steps": 0, "checkpoints_to_keep": 1, "prefetch": 0, "num_devices": 0,
+    "mesh_fsdp": 1, "mesh_tensor": 1, "fsdp_min_size": 0,
+}
+_TRAIN_BOOLS = ("async_checkpoints", "device_resident", "reset_optimizer_per_task")
+_WHY = {
+    "checkpoints_to_keep": " (at least the newest checkpoint must stay on disk)",
+    "epochs_per_task": " (a run with no training would report an untrained model's ACC)",
+}
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the fixed sections (train, optimizer, top level) against the defaults.
 
-    Component arguments (data, scenario, model, method) are checked by the components.
+    Every value of ``config.train``, ``config.seed`` and the learning rate is checked
+    here, before a workdir is touched: a wrong type raises TypeError, a value out of range
+    ValueError, each naming the key. Component arguments (data, scenario, model, method)
+    are checked by the components.
     """
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"config must be an ml_collections.ConfigDict (start from "
+                        f"default_config()), got {type(config).__name__}")
     ref = default_config()
+    missing = sorted(set(ref.keys()) - set(config.keys()))
+    if missing:
+        raise ValueError(f"config lacks section(s) {', '.join(missing)}; start from "
+                         "clax.training.default_config() and edit it")
     for section in ("train", "optimizer", "objective"):
+        if not isinstance(config[section], ml_collections.ConfigDict):
+            raise TypeError(f"config.{section} must be a section (ConfigDict), got "
+                            f"{config[section]!r}")
         unknown = sorted(set(config[section].keys()) - set(ref[section].keys()))
         if unknown:
             raise ValueError(
                 f"unknown key(s) config.{section}.{unknown[0]}; valid keys of config.{section}: "
                 f"{', '.join(sorted(ref[section].keys()))}"
             )
-    missing = sorted(set(ref.keys()) - set(config.keys()))
-    if missing:
-        raise ValueError(f"config lacks section(s) {missing}; start from default_config()")
-    check_int("config.train.prefetch", config.train.get("prefetch", 0), low=0)
+    check_int("config.seed", config.seed, low=0)
+    train = config.train
+    for key, low in _TRAIN_INTS.items():
+        if key in train:
+            try:
+                check_int(f"config.train.{key}", train[key], low=low)
+            except ValueError as e:
+                raise ValueError(f"{e}{_WHY.get(key, '')}") from None
+    for key in _TRAIN_BOOLS:
+        if key in train:
+            check_bool(f"config.train.{key}", train[key])
+    if "eval_subsample" in train:
+        check_int("config.train.eval_subsample", train.eval_subsample)
+    if "learning_rate" in config.optimizer:
+        check_real("config.optimizer.learning_rate", config.optimizer.learning_rate, 0,
+                   float("inf"), low_open=True, high_open=True)
 
 
 def component_kwargs(section: ml_collections.ConfigDict, *selectors: str) -> dict[str, Any]:

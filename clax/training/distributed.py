@@ -39,6 +39,7 @@ log = logging.getLogger("clax")
 
 __all__ = [
     "PreemptionWatch",
+    "agree",
     "barrier",
     "host_to_global",
     "initialize",
@@ -146,6 +147,18 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def agree(value: bool) -> bool:
+    """Process 0's `value` on every process (the value itself in a one-process run).
+
+    For decisions only process 0 can take (it holds the workdir's lock): the others learn
+    the outcome instead of waiting at a barrier that process 0 never reaches.
+    """
+    if jax.process_count() == 1:
+        return bool(value)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
 
 
 # ----------------------------------------------------------------- host <-> global

@@ -21,10 +21,10 @@ a checkpoint and raise `Preempted`; the same call resumes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -53,16 +53,14 @@ from clax.core import (
 from clax.data import Scenario
 from clax.params import train_only
 from clax.training import config as config_lib
-from clax.training import distributed, feed
+from clax.training import distributed, feed, health
 from clax.training import sharding as sharding_lib
+from clax.training import workdir as workdir_lib
 from clax.training.checkpoint import Checkpointer
+from clax.training.health import NonFiniteLossError, NonFiniteStateError  # noqa: F401  (API)
 from clax.training.steps import StepFns, next_power_of_two, pad_to_bucket
 
 log = logging.getLogger("clax")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped without saving."""
 
 
 class Preempted(Exception):
@@ -110,6 +108,15 @@ class Progress:
     task_eval_time_s: list[float] = dataclasses.field(default_factory=list)
     task_start_train_time_s: float = 0.0  # train_time_s when the current task started
     task_start_eval_time_s: float = 0.0  # eval_time_s when the current task started
+    # What happened to the run itself: unusable checkpoints skipped on resume
+    # ({"checkpoint", "reason", "resumed_from"}), config changes allowed on resume
+    # ({"key", "old", "new", "at_step"}), and warnings (exploding parameters).
+    recovered: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    config_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    # The first growth warning: its step and the newest checkpoint before the growth.
+    exploded: dict[str, Any] | None = None
+    param_peaks: list[list[float]] = dataclasses.field(default_factory=list)  # [ckpt, step, max|θ|]
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> Progress:
@@ -136,6 +143,9 @@ class RunResult:
     eval_time_s: float = 0.0  # time in continual (periodic) evaluation, compile included
     task_eval_time_s: list[float] = dataclasses.field(default_factory=list)  # the same, per task
     task_boundaries: list[int] = dataclasses.field(default_factory=list)  # start step per task
+    recovered: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # see Progress
+    config_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
     state: TrainState | None = None
     model: ModelFns | None = None
 
@@ -161,41 +171,6 @@ class RunResult:
 # ------------------------------------------------------------------------------ checks
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to reuse a workdir whose checkpoints come from a different config.
-
-    A workdir without checkpoints (a run that failed before its first save) takes the
-    new config. In a multi-process run every process reads and checks the same files
-    (raising the same error) and process 0 writes, after a barrier.
-    """
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
-    has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints"))
-    )
-    unchanged = False
-    if os.path.exists(path) and has_checkpoints:
-        with open(path) as f:
-            saved = json.load(f)
-        diffs = [k for k in _diff_keys(saved, current)
-                 if k not in config_lib.OPERATIONAL_KEYS and _affects_run(k, current)]
-        if diffs:
-            raise ValueError(
-                f"workdir {workdir!r} holds a run with a different config (differing keys: "
-                f"{', '.join(diffs)}); use another --workdir to start a new run. Nothing in "
-                "the workdir was changed."
-            )
-        unchanged = saved == current
-    distributed.barrier("clax_workdir_config_checked")  # nobody writes before all have read
-    if not unchanged and distributed.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    distributed.barrier("clax_workdir_config_written")
-
-
 def _affects_run(key: str, config: dict) -> bool:
     """False for the subsections of models and methods the run does not use.
 
@@ -210,15 +185,6 @@ def _affects_run(key: str, config: dict) -> bool:
         if parts[1] in names:
             return parts[1] == config.get(parts[0], {}).get("name")
     return True
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _check_model_fits(fns: ModelFns, scenario: Scenario, objective: Objective) -> None:
@@ -316,14 +282,9 @@ def _dtype(x: Any) -> str:
 
 
 def _eval_period(train: ml_collections.ConfigDict) -> int:
-    """ρ of continual evaluation: ``config.train.eval_every_steps`` (0: off)."""
-    rho = train.eval_every_steps
-    if isinstance(rho, bool) or not isinstance(rho, (int, np.integer)) or rho < 0:
-        raise ValueError(
-            f"config.train.eval_every_steps (ρ, evaluate every seen task every ρ steps) must "
-            f"be an int >= 1, or 0 to turn continual evaluation off; got {rho!r}"
-        )
-    return int(rho)
+    """ρ of continual evaluation: ``config.train.eval_every_steps`` (0: off; checked by
+    `config.validate_config`)."""
+    return int(train.eval_every_steps)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -413,6 +374,9 @@ class _Run:
     rho: int
     preemption: distributed.PreemptionWatch = dataclasses.field(
         default_factory=lambda: distributed.PreemptionWatch(enabled=False))
+    config_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    initial_peak: float = 0.0  # max |θ| of the initial parameters (growth warning)
+    resume_from: int | None = None  # resume from this checkpoint, not the newest
 
     @property
     def metric(self) -> str:
@@ -420,8 +384,8 @@ class _Run:
 
 
 def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Scenario | None,
-           model: nnx.Module | None, method: Method | None, objective: Objective | None
-           ) -> tuple[_Run, TrainState]:
+           model: nnx.Module | None, method: Method | None, objective: Objective | None,
+           allow_config_change: Sequence[str] = ()) -> tuple[_Run, TrainState]:
     config_lib.validate_config(config)
     scenario = scenario if scenario is not None else config_lib.build_scenario(config)
     model = model if model is not None else config_lib.build_model(config, scenario)
@@ -431,8 +395,11 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
     fns_model, params, model_state = ModelFns.split(model)
     _check_model_fits(fns_model, scenario, objective)
     online = _check_online(scenario, method, config.train)
+    config_changes = []
     if workdir is not None:
-        _check_workdir_config(workdir, config)
+        config_changes = workdir_lib.check_config(workdir, config,
+                                                  allow_changes=allow_config_change,
+                                                  affects_run=_affects_run)
     tc = config.train
     rho = _eval_period(tc)
     mesh = _mesh(tc)
@@ -475,6 +442,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
         sub_eval=(_ContinualEvaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample,
                                       config.seed) if rho > 0 else None),
         ckpt=ckpt, online=online, epochs=1 if online else tc.epochs_per_task, rho=rho,
+        config_changes=config_changes, initial_peak=health.param_peak(state),
     )
     return run, state
 
@@ -497,22 +465,62 @@ def _mesh(tc: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
-    """The latest checkpoint's state and progress, or a fresh start."""
+    """The newest good checkpoint's state and progress, or a fresh start.
+
+    Unusable newer checkpoints (corrupt files) are skipped, moved aside and recorded in
+    ``progress.recovered``; config changes allowed for this resume in
+    ``progress.config_changes``.
+    """
+    if run.resume_from is not None:
+        if run.ckpt is None:
+            raise ValueError("resume_from_checkpoint needs a workdir")
+        set_aside = run.ckpt.set_aside_after(run.resume_from)
+    else:
+        set_aside = []
     if run.ckpt is None or run.ckpt.latest() is None:
+        if run.config_changes:
+            log.info("%s: no checkpoint to resume; config changes apply from the start",
+                     run.config.name)
         return state, Progress()
-    state, meta = run.ckpt.restore(state)
-    progress = Progress.from_json(meta)
-    log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)",
-             run.config.name, run.ckpt.latest(), os.path.dirname(run.ckpt.directory),
-             progress.task, progress.epoch, progress.step_in_epoch)
-    return run.steps.place_state(state), progress
+    restored = run.ckpt.restore_good(state)
+    progress = Progress.from_json(restored.meta)
+    step = int(restored.state.step)
+    skipped = [*({"checkpoint": n, "reason": "set aside by resume_from_checkpoint"}
+                 for n in reversed(set_aside)), *restored.skipped]
+    progress.recovered += [{**s, "resumed_from": restored.number} for s in skipped]
+    progress.config_changes += [{**c, "at_step": step} for c in run.config_changes]
+    numbers = ", ".join(str(s["checkpoint"]) for s in skipped)
+    skipped = f"; skipped checkpoint(s) {numbers}" if skipped else ""
+    log.info("%s: resumed from checkpoint %d in %s (task %d, epoch %d, step %d)%s",
+             run.config.name, restored.number, os.path.dirname(run.ckpt.directory),
+             progress.task, progress.epoch, progress.step_in_epoch, skipped)
+    return run.steps.place_state(restored.state), progress
 
 
-def _save(run: _Run, state: TrainState, progress: Progress) -> int | None:
-    """Saves a checkpoint (every process takes part); returns its number (None: no workdir)."""
-    if run.ckpt is not None:
-        return run.ckpt.save(state, dataclasses.asdict(progress))
-    return None
+def _check_state(run: _Run, state: TrainState, progress: Progress, where: str) -> float:
+    """Stops on a non-finite state (before it is saved); warns once on exploding weights.
+
+    Returns max |θ| of the parameters.
+    """
+    report = health.check_state(state, run.config, where, run.ckpt, progress.exploded)
+    warning = health.growth_warning(report, run.initial_peak, run.config, where)
+    if warning is not None and progress.exploded is None:
+        log.warning("%s", warning)
+        progress.warnings.append(warning)
+        progress.exploded = {"step": int(state.step), "checkpoint_before": health.calm_before(
+            progress.param_peaks, run.initial_peak)}
+    return max([p for name, _, p in report if name.startswith("state.params")], default=0.0)
+
+
+def _save(run: _Run, state: TrainState, progress: Progress, where: str) -> int | None:
+    """Checks the state, then saves a checkpoint (every process takes part); returns its
+    number (None: no workdir)."""
+    peak = _check_state(run, state, progress, where)
+    if run.ckpt is None:
+        return None
+    latest = run.ckpt.latest()
+    progress.param_peaks.append([0 if latest is None else latest + 1, int(state.step), peak])
+    return run.ckpt.save(state, dataclasses.asdict(progress))
 
 
 def _chunk_ends(start: int, steps: int, global_step: int, every: tuple[int, ...]) -> list[int]:
@@ -552,21 +560,6 @@ def _train_chunk(steps: StepFns, state: TrainState, data: Batch, train: TrainArr
     return state, np.asarray(distributed.to_host(losses))
 
 
-def _check_finite(losses: np.ndarray, state: TrainState, name: str, task: int, epoch: int,
-                  ckpt: Checkpointer | None) -> None:
-    bad = ~np.isfinite(losses)
-    if not bad.any():
-        return
-    at = int(state.step) - len(losses) + int(np.argmax(bad))
-    kept = (f"the last good checkpoint is kept in {ckpt.directory}"
-            if ckpt is not None and ckpt.latest() is not None else "no checkpoint was written")
-    raise NonFiniteLossError(
-        f"{name}: loss became {losses[bad][0]} at step {at} (task {task}, epoch {epoch}); "
-        f"stopped without saving, {kept}. Lower config.optimizer.learning_rate (with a new "
-        "--workdir: a changed config does not resume this one) or check the data."
-    )
-
-
 def _boundary_context(run: _Run, t: int, train: TrainArrays) -> BoundaryContext:
     return BoundaryContext(task_index=t, tasks=run.scenario.tasks, train=train, model=run.model,
                            objective=run.objective,
@@ -595,7 +588,7 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, t: int, epoch
                                      device_resident=tc.device_resident, capacity=capacity,
                                      prefetch=tc.prefetch)
         progress.train_time_s += time.perf_counter() - chunk_start
-        _check_finite(losses, state, run.config.name, t, epoch, run.ckpt)
+        health.check_losses(losses, state, run.config, t, epoch, run.ckpt, progress.exploded)
         last_loss = float(losses[-1])
         epoch_done = end == len(idx)
         start = end
@@ -613,12 +606,13 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, t: int, epoch
         task_ends_here = epoch_done and epoch + 1 == run.epochs
         every = tc.checkpoint_every_steps
         saved = None
+        where = f"at step {step_now} (task {t}, epoch {epoch})"
         if every > 0 and step_now % every == 0 and not task_ends_here:
-            saved = _save(run, state, progress)
+            saved = _save(run, state, progress, where)
         # SIGTERM: stop here (all processes agree at this call); at a task's end the
         # task-end checkpoint comes first (train_continual stops after it).
         if run.preemption.should_stop() and not task_ends_here:
-            raise Preempted(saved if saved is not None else _save(run, state, progress))
+            raise Preempted(saved if saved is not None else _save(run, state, progress, where))
     return state, last_loss
 
 
@@ -682,9 +676,22 @@ def _finish(run: _Run, state: TrainState, progress: Progress, workdir: str | Non
                    "num_evaluations": num_evaluations,
                    "eval_time_s": progress.eval_time_s, "eval_overhead": eval_overhead,
                    "total_steps": int(state.step),
-                   "matrices": {k: v.tolist() for k, v in matrices.items()}},
+                   "matrices": {k: v.tolist() for k, v in matrices.items()},
+                   "recovered": progress.recovered, "config_changes": progress.config_changes,
+                   "warnings": progress.warnings},
             task_boundaries=progress.task_boundaries[1:],
         )
+    groups: dict[tuple[str, int], list[int]] = {}
+    for r in progress.recovered:
+        groups.setdefault((r["reason"], r["resumed_from"]), []).append(r["checkpoint"])
+    for (reason, resumed_from), numbers in groups.items():
+        log.warning("%s: note: resumed from checkpoint %d past checkpoint(s) %s (%s)",
+                    run.config.name, resumed_from, ", ".join(map(str, sorted(numbers))), reason)
+    for c in progress.config_changes:
+        log.warning("%s: note: config.%s was changed from %r to %r at step %d (resume)",
+                    run.config.name, c["key"], c["old"], c["new"], c["at_step"])
+    for w in progress.warnings:
+        log.warning("warning: %s", w)
     if run.ckpt is not None:
         run.ckpt.close()
     return RunResult(
@@ -693,6 +700,8 @@ def _finish(run: _Run, state: TrainState, progress: Progress, workdir: str | Non
         train_time_s=progress.train_time_s, task_train_time_s=progress.task_train_time_s,
         eval_time_s=progress.eval_time_s, task_eval_time_s=progress.task_eval_time_s,
         task_boundaries=list(progress.task_boundaries),
+        recovered=list(progress.recovered), config_changes=list(progress.config_changes),
+        warnings=list(progress.warnings),
         state=state if keep_state else None, model=run.model if keep_state else None,
     )
 
@@ -706,6 +715,8 @@ def train_continual(
     method: Method | None = None,
     objective: Objective | None = None,
     keep_state: bool = False,
+    allow_config_change: Sequence[str] = (),
+    resume_from_checkpoint: int | None = None,
 ) -> RunResult:
     """Trains on every task of the scenario in order; evaluates all tasks after each.
 
@@ -724,26 +735,45 @@ def train_continual(
       method: a prebuilt `Method` (default: ``config.method``).
       objective: a prebuilt `clax.core.Objective` (default: ``config.objective``).
       keep_state: return the final `TrainState` and `ModelFns` in the result.
+      allow_config_change: dotted config keys (``"optimizer.learning_rate"``) that may
+        differ from the workdir's config when resuming, e.g. to recover from a diverged
+        run from its last good checkpoint; each change is recorded (``config_changes``
+        in metrics.json and the workdir's config_changes.json).
+      resume_from_checkpoint: resume from this checkpoint instead of the newest; the newer
+        ones are moved to ``checkpoints.set_aside/`` (kept) and listed as ``recovered``.
+
+    The workdir is locked for the whole call (`clax.training.workdir.WorkdirLock`): a
+    second process on the same workdir is refused. On resume, a checkpoint that does
+    not read back as saved is skipped for the next older one (logged, moved aside to
+    ``checkpoints.corrupt/`` and listed as ``recovered`` in metrics.json).
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+      NonFiniteStateError: a leaf of the state (parameters, optimizer state, memory)
+        became NaN/inf; it was not saved (the message names the leaf and the suspects).
+      WorkdirInUseError: another live process holds the workdir.
+      CorruptCheckpointError: no checkpoint of the workdir reads back as saved.
       Preempted: SIGTERM (with a workdir): the run saved a checkpoint after the chunk of
         steps in flight and stopped; call again with the same arguments to resume.
       ValueError: inconsistent config, data and model (before anything is compiled), or
         a method that needs task boundaries on an online stream (``scenario.online``).
     """
-    run, state = _build(config, workdir, scenario, model, method, objective)
-    # SIGTERM (preemption): checkpoint and stop between chunks of steps (with a workdir).
-    with distributed.PreemptionWatch(enabled=run.ckpt is not None) as run.preemption:
-        try:
-            state, progress = _train_tasks(run, state)
-        except BaseException:
-            # Preempted, an error or Ctrl-C: a background save in flight is committed
-            # (or fails) before the exception leaves; nothing half-written stays behind.
-            if run.ckpt is not None:
-                run.ckpt.close()
-            raise
-    return _finish(run, state, progress, workdir, keep_state)
+    config_lib.validate_config(config)  # before the workdir is touched
+    with workdir_lib.locked(workdir):
+        run, state = _build(config, workdir, scenario, model, method, objective,
+                            allow_config_change)
+        run.resume_from = resume_from_checkpoint
+        # SIGTERM (preemption): checkpoint and stop between chunks of steps (with a workdir).
+        with distributed.PreemptionWatch(enabled=run.ckpt is not None) as run.preemption:
+            try:
+                state, progress = _train_tasks(run, state)
+            except BaseException:
+                # Preempted, an error or Ctrl-C: a background save in flight is committed
+                # (or fails) before the exception leaves; nothing half-written stays behind.
+                if run.ckpt is not None:
+                    run.ckpt.close()
+                raise
+        return _finish(run, state, progress, workdir, keep_state)
 
 
 def _train_tasks(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
@@ -762,7 +792,7 @@ def _train_tasks(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
         progress.rows.append(row)
         progress.task, progress.epoch, progress.step_in_epoch = t + 1, 0, 0
         progress.done = t + 1 == T
-        saved = _save(run, state, progress)
+        saved = _save(run, state, progress, f"at the end of task {t} (step {int(state.step)})")
         dt = time.perf_counter() - task_start
         elapsed = time.perf_counter() - run_start
         task_steps = int(state.step) - task_step0

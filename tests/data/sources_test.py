@@ -165,6 +165,16 @@ def test_idx_label_count_mismatch(tmp_path):
         data.load_idx(tmp_path)
 
 
+def test_idx_garbage_labels_with_a_valid_header_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx_folder(tmp_path, rng, gz=False)
+    for name, n in (("train-labels-idx1-ubyte", 12), ("t10k-labels-idx1-ubyte", 6)):
+        _write_idx(tmp_path / name, rng.integers(0, 256, n, dtype=np.uint8), gz=False)
+    with pytest.raises(ValueError, match=r"do not look like class labels: labels up to \d+ "
+                                         r"give \d+ classes"):
+        data.load_idx(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def fashion_mnist():
     if not FASHION_MNIST_DIR.is_dir():
