@@ -68,3 +68,18 @@ def test_missing_dataset_folder_names_the_path(tmp_path):
     assert proc.returncode != 0
     assert str(missing) in proc.stderr and "dataset-fashion-mnist" in proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_second_run_on_a_busy_workdir_is_one_line_naming_the_holder(tmp_path):
+    from tests.training.workdir_test import hold_lock
+
+    holder = hold_lock(tmp_path)
+    try:
+        proc = _run("--config=experiments/configs/split_digits.py", f"--workdir={tmp_path}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert f"is in use by pid {holder.pid} on host" in line
+    assert not (tmp_path / "checkpoints").exists()
