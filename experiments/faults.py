@@ -30,16 +30,21 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORRUPTIONS = ("truncate", "random", "flip", "delete_state")
 
-flags.DEFINE_integer("trials", 8, "Trials (fresh workdirs).")
-flags.DEFINE_integer("max_kills", 3, "SIGKILLs per trial at most (then it runs to the end).")
-flags.DEFINE_float("corrupt_probability", 0.5, "Chance to corrupt the newest checkpoint "
-                   "after a kill.")
-flags.DEFINE_float("mid_save_probability", 0.5, "Chance that a kill waits for a checkpoint "
-                   "write in progress (else: a random time).")
-flags.DEFINE_integer("seed", 0, "Seed of the kill times and corruptions.")
-flags.DEFINE_string("out", None, "Folder for faults.json / faults.md (default: print only).")
-flags.DEFINE_integer("epochs_per_task", 2, "Epochs per task of the run under test.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs (no clash with other commands' flags
+    when tests import several experiments modules in one process)."""
+    flags.DEFINE_integer("trials", 8, "Trials (fresh workdirs).")
+    flags.DEFINE_integer("max_kills", 3, "SIGKILLs per trial at most (then it runs to the end).")
+    flags.DEFINE_float("corrupt_probability", 0.5, "Chance to corrupt the newest checkpoint "
+                       "after a kill.")
+    flags.DEFINE_float("mid_save_probability", 0.5, "Chance that a kill waits for a checkpoint "
+                       "write in progress (else: a random time).")
+    flags.DEFINE_integer("seed", 0, "Seed of the kill times and corruptions.")
+    flags.DEFINE_string("out", None, "Folder for faults.json / faults.md (default: print only).")
+    flags.DEFINE_integer("epochs_per_task", 2, "Epochs per task of the run under test.")
 
 
 def corrupt(step_dir: str, kind: str, rng: np.random.Generator | None = None) -> None:
@@ -139,8 +144,11 @@ def run_trials(trials: int, max_kills: int, corrupt_probability: float,
                         committed = _committed(ckpts)
                         if len(committed) > 1 and rng.random() < corrupt_probability:
                             kind = str(rng.choice(CORRUPTIONS))
-                            corrupt(os.path.join(ckpts, str(committed[-1])), kind, rng)
-                            corruptions.append(kind)
+                            try:
+                                corrupt(os.path.join(ckpts, str(committed[-1])), kind, rng)
+                                corruptions.append(kind)
+                            except FileNotFoundError:  # being deleted (max_to_keep) at the kill
+                                pass
                         continue
                 rc = proc.wait()
                 if rc != 0 and starts > max_kills + 3:
@@ -196,4 +204,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
