@@ -81,7 +81,7 @@ def test_one_call_for_all_seen_tasks_matches_per_task_evaluation():
 
 @pytest.mark.parametrize("rho", [-1, -10])
 def test_bad_rho_is_refused_before_training(rho):
-    with pytest.raises(ValueError, match=r"config.train.eval_every_steps must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"eval_every_steps must be a non-negative int"):
         train_continual(tiny_config(eval_every_steps=rho), scenario=tiny_scenario())
 
 
