@@ -68,10 +68,9 @@ def health(state: TrainState) -> list[tuple[str, bool, float]]:
                                                                  strict=True)]
 
 
-def param_peak(state: TrainState) -> float:
-    """max |θ| over the parameters (finite values)."""
-    return max([p for name, _, p in health(state) if name.startswith("state.params")],
-               default=0.0)
+def params_peak(report: list[tuple[str, bool, float]]) -> float:
+    """max |θ| over the parameters in a `health` report (finite values)."""
+    return max([p for name, _, p in report if name.startswith("state.params")], default=0.0)
 
 
 def suspects(config: ml_collections.ConfigDict) -> list[str]:

@@ -33,7 +33,6 @@ import numpy as np
 from flax import nnx
 
 from clax import metrics as clax_metrics
-from clax import models as clax_models
 from clax.core import (
     Batch,
     BoundaryContext,
@@ -48,7 +47,6 @@ from clax.core import (
     example_spec,
     num_examples,
     primary_metric,
-    registered_methods,
 )
 from clax.data import Scenario
 from clax.params import train_only
@@ -169,22 +167,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------ checks
-
-
-def _affects_run(key: str, config: dict) -> bool:
-    """False for the subsections of models and methods the run does not use.
-
-    ``config.method.<name>`` exists for every registered method, so registering a new one
-    (or changing another method's defaults) must not make older workdirs unresumable.
-    """
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[0] in ("method", "model") and parts[1] != "name":
-        # Only the per-model / per-method subsections are skipped; model.peft,
-        # model.pretrained and model.multi_head always change the run.
-        names = clax_models.MODELS if parts[0] == "model" else registered_methods()
-        if parts[1] in names:
-            return parts[1] == config.get(parts[0], {}).get("name")
-    return True
 
 
 def _check_model_fits(fns: ModelFns, scenario: Scenario, objective: Objective) -> None:
@@ -385,8 +367,8 @@ class _Run:
 
 def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Scenario | None,
            model: nnx.Module | None, method: Method | None, objective: Objective | None,
-           allow_config_change: Sequence[str] = ()) -> tuple[_Run, TrainState]:
-    config_lib.validate_config(config)
+           allow_config_change: Sequence[str] = (), resume_from_checkpoint: int | None = None
+           ) -> tuple[_Run, TrainState]:
     scenario = scenario if scenario is not None else config_lib.build_scenario(config)
     model = model if model is not None else config_lib.build_model(config, scenario)
     method = method if method is not None else config_lib.build_method(config)
@@ -398,8 +380,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
     config_changes = []
     if workdir is not None:
         config_changes = workdir_lib.check_config(workdir, config,
-                                                  allow_changes=allow_config_change,
-                                                  affects_run=_affects_run)
+                                                  allow_changes=allow_config_change)
     tc = config.train
     rho = _eval_period(tc)
     mesh = _mesh(tc)
@@ -442,7 +423,8 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, scenario: Sce
         sub_eval=(_ContinualEvaluator(steps, scenario, tc.eval_batch_size, tc.eval_subsample,
                                       config.seed) if rho > 0 else None),
         ckpt=ckpt, online=online, epochs=1 if online else tc.epochs_per_task, rho=rho,
-        config_changes=config_changes, initial_peak=health.param_peak(state),
+        config_changes=config_changes, initial_peak=health.params_peak(health.health(state)),
+        resume_from=resume_from_checkpoint,
     )
     return run, state
 
@@ -509,7 +491,7 @@ def _check_state(run: _Run, state: TrainState, progress: Progress, where: str) -
         progress.warnings.append(warning)
         progress.exploded = {"step": int(state.step), "checkpoint_before": health.calm_before(
             progress.param_peaks, run.initial_peak)}
-    return max([p for name, _, p in report if name.startswith("state.params")], default=0.0)
+    return health.params_peak(report)
 
 
 def _save(run: _Run, state: TrainState, progress: Progress, where: str) -> int | None:
@@ -761,8 +743,7 @@ def train_continual(
     config_lib.validate_config(config)  # before the workdir is touched
     with workdir_lib.locked(workdir):
         run, state = _build(config, workdir, scenario, model, method, objective,
-                            allow_config_change)
-        run.resume_from = resume_from_checkpoint
+                            allow_config_change, resume_from_checkpoint)
         # SIGTERM (preemption): checkpoint and stop between chunks of steps (with a workdir).
         with distributed.PreemptionWatch(enabled=run.ckpt is not None) as run.preemption:
             try:

@@ -32,6 +32,8 @@ from typing import Any
 
 import ml_collections
 
+from clax import models as clax_models
+from clax.core import registered_methods
 from clax.training import config as config_lib
 from clax.training import distributed
 
@@ -198,13 +200,28 @@ def _get(tree: dict, key: str) -> Any:
     return tree
 
 
+def _affects_run(key: str, config: dict) -> bool:
+    """False for the subsections of models and methods the run does not use.
+
+    ``config.method.<name>`` exists for every registered method, so registering a new one
+    (or changing another method's defaults) must not make older workdirs unresumable.
+    """
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[0] in ("method", "model") and parts[1] != "name":
+        # Only the per-model / per-method subsections are skipped; model.peft,
+        # model.pretrained and model.multi_head always change the run.
+        names = clax_models.MODELS if parts[0] == "model" else registered_methods()
+        if parts[1] in names:
+            return parts[1] == config.get(parts[0], {}).get("name")
+    return True
+
+
 def has_checkpoints(directory: str) -> bool:
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict, *,
-                 allow_changes: Sequence[str] = (),
-                 affects_run=lambda key, config: True) -> list[dict[str, Any]]:
+                 allow_changes: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Refuses to reuse a workdir whose checkpoints come from a different config.
 
     A workdir without checkpoints (a run that failed before its first save) takes the new
@@ -230,7 +247,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *,
         with open(path) as f:
             saved = json.load(f)
         diffs = [k for k in _diff_keys(saved, current)
-                 if k not in config_lib.OPERATIONAL_KEYS and affects_run(k, current)]
+                 if k not in config_lib.OPERATIONAL_KEYS and _affects_run(k, current)]
         refused = [k for k in diffs if k not in allowed]
         if refused:
             raise ValueError(
